@@ -1,0 +1,155 @@
+"""Settings from the environment, validated once at start-up.
+
+Every problem is reported as a `ConfigError` whose message is one line naming
+the variable, so an operator sees at once what to fix.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A missing or contradictory setting. The message names the variable."""
+
+
+ASSISTANTS = ("builtin", "openai")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    app_db_role: str
+    auth_secret: str | None
+    jwks_url: str | None
+    jwt_issuer: str | None
+    jwt_audience: str | None
+    assistant: str
+    assistant_base_url: str | None
+    assistant_api_key: str | None
+    assistant_model: str | None
+    assistant_timeout_s: float
+    assistant_system_prompt: str | None
+    prepared_statements: bool
+    chat_history_limit: int
+    message_max_chars: int
+    pool_size: int
+    pool_timeout_s: float
+    idempotency_ttl_s: int
+
+    def require_auth(self) -> None:
+        """Serving and minting need a way to verify tokens."""
+        if not self.auth_secret and not self.jwks_url:
+            raise ConfigError("BETTER_AUTH_SECRET is not set (required to verify tokens unless BETTER_AUTH_JWKS_URL is set)")
+
+    def require_secret(self) -> None:
+        if not self.auth_secret:
+            raise ConfigError("BETTER_AUTH_SECRET is not set (required to mint HS256 tokens)")
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept postgres://, postgresql:// and postgresql+psycopg://; always use psycopg 3."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+        raise ConfigError("DATABASE_URL must start with postgresql://, postgres:// or postgresql+psycopg://")
+    normalized = f"postgresql+psycopg://{rest}"
+    try:
+        parts = urlsplit(normalized)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL is malformed: {exc}") from None
+    return normalized
+
+
+def _get(env, name, default=None):
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def _int(env, name, default, minimum=1, maximum=None):
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _float(env, name, default):
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _on_off(env, name, default):
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be 'on' or 'off', got {raw!r}")
+
+
+def _http_url(env, name):
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw
+
+
+def load_settings(env=None) -> Settings:
+    """Read and validate every setting; raise ConfigError on the first problem."""
+    env = os.environ if env is None else env
+    database_url = _get(env, "DATABASE_URL")
+    if database_url is None:
+        raise ConfigError("DATABASE_URL is not set (a postgresql:// URL is required)")
+    assistant = (_get(env, "ASSISTANT", "builtin")).lower()
+    if assistant not in ASSISTANTS:
+        raise ConfigError(f"ASSISTANT must be one of {', '.join(ASSISTANTS)}, got {assistant!r}")
+    settings = Settings(
+        database_url=normalize_database_url(database_url),
+        app_db_role=_get(env, "APP_DB_ROLE", "chat_app"),
+        auth_secret=env.get("BETTER_AUTH_SECRET") or None,
+        jwks_url=_http_url(env, "BETTER_AUTH_JWKS_URL"),
+        jwt_issuer=_get(env, "JWT_ISSUER"),
+        jwt_audience=_get(env, "JWT_AUDIENCE"),
+        assistant=assistant,
+        assistant_base_url=_http_url(env, "ASSISTANT_BASE_URL"),
+        assistant_api_key=env.get("ASSISTANT_API_KEY") or None,
+        assistant_model=_get(env, "ASSISTANT_MODEL"),
+        assistant_timeout_s=_float(env, "ASSISTANT_TIMEOUT_S", 30.0),
+        assistant_system_prompt=env.get("ASSISTANT_SYSTEM_PROMPT") or None,
+        prepared_statements=_on_off(env, "DATABASE_PREPARED_STATEMENTS", True),
+        chat_history_limit=_int(env, "CHAT_HISTORY_LIMIT", 50, maximum=10_000),
+        message_max_chars=_int(env, "MESSAGE_MAX_CHARS", 16_000, maximum=1_000_000),
+        pool_size=_int(env, "DATABASE_POOL_SIZE", 5, maximum=1_000),
+        pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
+        idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
+    )
+    if settings.assistant == "openai":
+        if not settings.assistant_base_url:
+            raise ConfigError("ASSISTANT_BASE_URL is not set (required when ASSISTANT=openai)")
+        if not settings.assistant_model:
+            raise ConfigError("ASSISTANT_MODEL is not set (required when ASSISTANT=openai)")
+    return settings

@@ -1,0 +1,75 @@
+"""One JSON error shape for every failure:
+`{"error": {"code": "<snake_case>", "message": "<human text>", ...}}`."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from marshmallow import ValidationError
+from sqlalchemy import exc as sa_exc
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "2"
+
+
+class ApiError(Exception):
+    """An expected failure with a status, a code and optional extra fields."""
+
+    def __init__(self, status: int, code: str, message: str, headers=None, **extra):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class DatabaseUnavailable(ApiError):
+    def __init__(self, message="the database is unavailable; retry shortly"):
+        super().__init__(503, "database_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
+
+
+def error_response(status: int, code: str, message: str, headers=None, **extra):
+    body = {"error": {"code": code, "message": message, **extra}}
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _snake(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError):
+        return error_response(error.status, error.code, error.message, error.headers, **error.extra)
+
+    @app.errorhandler(ValidationError)
+    def validation_error(error: ValidationError):
+        fields = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+        return error_response(422, "validation_failed", "the request has invalid fields", fields=fields)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        headers = {}
+        if error.code == 405 and getattr(error, "valid_methods", None):
+            headers["Allow"] = ", ".join(error.valid_methods)
+        return error_response(error.code or 500, _snake(error.name), error.description or error.name, headers)
+
+    @app.errorhandler(sa_exc.OperationalError)
+    @app.errorhandler(sa_exc.InterfaceError)
+    @app.errorhandler(sa_exc.TimeoutError)
+    def database_unavailable(error):
+        log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
+        unavailable = DatabaseUnavailable()
+        return error_response(unavailable.status, unavailable.code, unavailable.message, unavailable.headers)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred")

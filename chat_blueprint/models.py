@@ -1,0 +1,119 @@
+"""Typed models of the four tables. Every row carries `user_id`; the
+row-level-security policies in `policies/` filter on it."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .extensions import db
+
+NOT_BLANK_USER = "user_id <> ''"
+
+
+class Task(db.Model):
+    __tablename__ = "task"
+    __table_args__ = (
+        CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
+        Index("ix_task_user_created", "user_id", text("created_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(String(1000), server_default="")
+    completed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Conversation(db.Model):
+    __tablename__ = "conversation"
+    __table_args__ = (
+        CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
+        UniqueConstraint("id", "user_id"),
+        Index("ix_conversation_user_updated", "user_id", text("updated_at DESC"), text("id DESC")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, server_default=func.gen_random_uuid())
+    user_id: Mapped[str] = mapped_column(Text)
+    title: Mapped[str] = mapped_column(String(200))
+    message_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    turn_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Message(db.Model):
+    """One chat message. `turn` is the ordinal of a user message within its
+    conversation (1, 2, 3...), assigned under the conversation's row lock."""
+
+    __tablename__ = "message"
+    __table_args__ = (
+        CheckConstraint("role IN ('user', 'assistant')", name="role_known"),
+        CheckConstraint("(role = 'assistant') = (reply_to IS NOT NULL)", name="assistant_replies"),
+        CheckConstraint("(role = 'user') = (turn IS NOT NULL)", name="user_has_turn"),
+        UniqueConstraint("id", "conversation_id"),
+        ForeignKeyConstraint(
+            ["conversation_id", "user_id"],
+            ["conversation.id", "conversation.user_id"],
+            ondelete="CASCADE",
+        ),
+        ForeignKeyConstraint(
+            ["reply_to", "conversation_id"],
+            ["message.id", "message.conversation_id"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_message_conversation_id", "conversation_id", "id"),
+        Index("uq_message_reply_to", "reply_to", unique=True, postgresql_where=text("reply_to IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    user_id: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(Text)
+    content: Mapped[str] = mapped_column(Text)
+    tool_calls: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    reply_to: Mapped[int | None] = mapped_column(BigInteger)
+    turn: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class IdempotencyKey(db.Model):
+    """The first request and answer under one user's `Idempotency-Key`."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (
+        CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
+        CheckConstraint("status IN ('running', 'done', 'failed')", name="status_known"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    user_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    response: Mapped[dict | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key")

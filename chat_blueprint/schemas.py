@@ -1,0 +1,164 @@
+"""Marshmallow schemas: the only place request and response shapes live.
+
+The OpenAPI document (`openapi.py`) is generated from these classes.
+"""
+from __future__ import annotations
+
+from datetime import timezone
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+TASK_STATUSES = ("all", "pending", "completed")
+ORDERS = ("asc", "desc")
+TITLE_PREVIEW_CHARS = 80
+
+
+class Text(fields.String):
+    """A string PostgreSQL can store: no NUL, no lone surrogate; optionally not blank."""
+
+    def __init__(self, *args, allow_blank=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allow_blank = allow_blank
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in value:
+            raise ValidationError("Must not contain NUL characters.")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("Must be valid Unicode text (no lone surrogates).") from None
+        if not self.allow_blank and not value.strip():
+            raise ValidationError("Must not be blank.")
+        return value
+
+
+class UtcDateTime(fields.DateTime):
+    """ISO 8601 in UTC with a `Z`, whatever the session time zone was."""
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class StrictSchema(Schema):
+    """Bodies reject unknown fields (422)."""
+
+
+class QuerySchema(Schema):
+    """Query strings ignore parameters they do not know."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    field_errors = fields.Dict(data_key="fields", metadata={"description": "per-field messages of a validation error"})
+    conversation_id = fields.UUID(metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
+
+
+class ErrorSchema(Schema):
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+# Tasks
+
+
+class TaskSchema(Schema):
+    id = fields.Integer(required=True)
+    user_id = fields.String(required=True)
+    title = fields.String(required=True)
+    description = fields.String(required=True)
+    completed = fields.Boolean(required=True)
+    created_at = UtcDateTime(required=True)
+    updated_at = UtcDateTime(required=True)
+
+
+class TaskCreateSchema(StrictSchema):
+    title = Text(required=True, allow_blank=False, validate=validate.Length(min=1, max=200))
+    description = Text(load_default="", allow_none=True, validate=validate.Length(max=1000))
+
+
+class TaskUpdateSchema(StrictSchema):
+    title = Text(allow_blank=False, validate=validate.Length(min=1, max=200))
+    description = Text(allow_none=True, validate=validate.Length(max=1000))
+
+    @validates_schema
+    def at_least_one(self, data, **kwargs):
+        if not data:
+            raise ValidationError("Give title, description, or both.", "_schema")
+
+
+class TaskListQuerySchema(QuerySchema):
+    status = fields.String(load_default="all", validate=validate.OneOf(TASK_STATUSES))
+
+
+# Chat and conversations
+
+
+class ChatRequestSchema(StrictSchema):
+    message = Text(required=True, allow_blank=False)
+    conversation_id = fields.UUID(load_default=None, allow_none=True)
+
+    def __init__(self, *args, max_chars: int = 16_000, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["message"].validators = [validate.Length(min=1, max=max_chars)]
+
+
+class ToolCallSchema(Schema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    arguments = fields.Raw(required=True, metadata={"description": "arguments parsed from JSON"})
+
+
+class ChatResponseSchema(Schema):
+    conversation_id = fields.UUID(required=True)
+    response = fields.String(required=True)
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
+    user_message_id = fields.Integer(required=True)
+    assistant_message_id = fields.Integer(required=True)
+
+
+class ConversationSchema(Schema):
+    id = fields.UUID(required=True)
+    title = fields.String(required=True)
+    created_at = UtcDateTime(required=True)
+    updated_at = UtcDateTime(required=True)
+    message_count = fields.Integer(required=True)
+
+
+class ConversationPatchSchema(StrictSchema):
+    title = Text(required=True, allow_blank=False, validate=validate.Length(min=1, max=200))
+
+
+class ConversationPageSchema(Schema):
+    data = fields.List(fields.Nested(ConversationSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class MessageSchema(Schema):
+    id = fields.Integer(required=True)
+    role = fields.String(required=True, validate=validate.OneOf(("user", "assistant")))
+    content = fields.String(required=True)
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
+    reply_to = fields.Integer(required=True, allow_none=True)
+    created_at = UtcDateTime(required=True)
+
+
+class MessagePageSchema(Schema):
+    data = fields.List(fields.Nested(MessageSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class PageQuerySchema(QuerySchema):
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+
+
+class MessagePageQuerySchema(QuerySchema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
+    cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+    order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))

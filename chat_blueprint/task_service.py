@@ -1,0 +1,74 @@
+"""The Basic Level todo list: persistence of a user's tasks.
+
+Every query names the user as well as relying on row-level security: the
+filter serves the `(user_id, created_at)` index, and the policy is the guarantee.
+"""
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+from .models import Task
+
+
+class TaskNotFound(ApiError):
+    def __init__(self):
+        super().__init__(404, "task_not_found", "no such task")
+
+
+def list_tasks(session: Session, user_id: str, status: str = "all") -> list[Task]:
+    query = select(Task).where(Task.user_id == user_id).order_by(Task.created_at.desc(), Task.id.desc())
+    if status != "all":
+        query = query.where(Task.completed.is_(status == "completed"))
+    tasks = list(session.scalars(query))
+    session.commit()
+    return tasks
+
+
+def add_task(session: Session, user_id: str, title: str, description: str | None) -> Task:
+    task = Task(user_id=user_id, title=title, description=description or "")
+    session.add(task)
+    session.flush()
+    session.refresh(task)
+    session.commit()
+    return task
+
+
+def get_task(session: Session, user_id: str, task_id: int) -> Task:
+    task = session.scalar(select(Task).where(Task.id == task_id, Task.user_id == user_id))
+    session.commit()
+    if task is None:
+        raise TaskNotFound()
+    return task
+
+
+def update_task(session: Session, user_id: str, task_id: int, changes: dict) -> Task:
+    values = {name: value if value is not None else "" for name, value in changes.items()}
+    return _update_one(session, user_id, task_id, **values, updated_at=func.now())
+
+
+def toggle_complete(session: Session, user_id: str, task_id: int) -> Task:
+    return _update_one(session, user_id, task_id, completed=~Task.completed, updated_at=func.now())
+
+
+def delete_task(session: Session, user_id: str, task_id: int) -> None:
+    deleted = session.scalar(delete(Task).where(Task.id == task_id, Task.user_id == user_id).returning(Task.id))
+    session.commit()
+    if deleted is None:
+        raise TaskNotFound()
+
+
+def _update_one(session: Session, user_id: str, task_id: int, **values) -> Task:
+    statement = (
+        update(Task)
+        .where(Task.id == task_id, Task.user_id == user_id)
+        .values(**values)
+        .returning(Task)
+        .execution_options(synchronize_session=False)
+    )
+    task = session.scalar(statement)
+    session.commit()
+    if task is None:
+        raise TaskNotFound()
+    return task

@@ -1,0 +1,52 @@
+"""Task routes (the Basic Level todo API). Thin: parse, call, serialise."""
+from __future__ import annotations
+
+from flask import g
+
+from . import task_service
+from .extensions import db
+from .http import json_body, query_args, user_blueprint
+from .schemas import TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskUpdateSchema
+
+bp = user_blueprint("tasks", __name__)
+
+task_schema = TaskSchema()
+tasks_schema = TaskSchema(many=True)
+
+
+@bp.get("/tasks")
+def list_tasks():
+    """The user's tasks, newest first, optionally only pending or completed ones."""
+    status = query_args(TaskListQuerySchema())["status"]
+    return tasks_schema.dump(task_service.list_tasks(db.session, g.user_id, status))
+
+
+@bp.post("/tasks")
+def add_task():
+    body = json_body(TaskCreateSchema())
+    task = task_service.add_task(db.session, g.user_id, body["title"], body.get("description"))
+    return task_schema.dump(task), 201
+
+
+@bp.get("/tasks/<bigint:task_id>")
+def get_task(task_id: int):
+    return task_schema.dump(task_service.get_task(db.session, g.user_id, task_id))
+
+
+@bp.put("/tasks/<bigint:task_id>")
+def update_task(task_id: int):
+    """Change the title, the description, or both."""
+    changes = json_body(TaskUpdateSchema())
+    return task_schema.dump(task_service.update_task(db.session, g.user_id, task_id, changes))
+
+
+@bp.delete("/tasks/<bigint:task_id>")
+def delete_task(task_id: int):
+    task_service.delete_task(db.session, g.user_id, task_id)
+    return "", 204
+
+
+@bp.patch("/tasks/<bigint:task_id>/complete")
+def toggle_complete(task_id: int):
+    """Flip `completed`: pending becomes completed, completed becomes pending."""
+    return task_schema.dump(task_service.toggle_complete(db.session, g.user_id, task_id))

@@ -1,0 +1,3 @@
+from chat_blueprint import create_app
+
+app = create_app()
