@@ -1,0 +1,79 @@
+"""End to end over real HTTP with real gunicorn and gunicorn.conf.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import requests
+from conftest import ROOT, gunicorn, make_user
+
+from chat_blueprint.devcluster import free_port
+
+
+def test_task_round_trip_over_http(app_url):
+    user = make_user()
+    with gunicorn(app_url, workers=2) as server:
+        base = f"{server.url}/api/{user.id}/tasks"
+        created = requests.post(base, json={"title": "over http"}, headers=user.headers, timeout=10)
+        assert created.status_code == 201
+        task = created.json()
+        assert requests.get(base, headers=user.headers, timeout=10).json() == [task]
+        toggled = requests.patch(f"{base}/{task['id']}/complete", headers=user.headers, timeout=10)
+        assert toggled.json()["completed"] is True
+        assert requests.delete(f"{base}/{task['id']}", headers=user.headers, timeout=10).status_code == 204
+        assert requests.get(base, headers=user.headers, timeout=10).json() == []
+        assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        assert f'"POST /api/{user.id}/tasks" 201' in server.output()
+        assert user.token not in server.output()
+
+
+def refusal(database_url: str, **env) -> tuple[int, str]:
+    with gunicorn(database_url, wait_ready=False, **env) as server:
+        try:
+            code = server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("gunicorn kept serving:\n" + server.output()) from None
+        return code, server.output()
+
+
+def test_refuses_to_serve_as_a_superuser(superuser_url):
+    code, output = refusal(superuser_url.rsplit("/", 1)[0] + "/chat")
+    assert code != 0
+    assert "refusing to serve" in output and "superuser" in output
+
+
+def test_refuses_to_serve_as_a_bypassrls_role(cluster, superuser_url):
+    import psycopg
+
+    with psycopg.connect(superuser_url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS chat_bypass")
+        conn.execute("CREATE ROLE chat_bypass LOGIN BYPASSRLS PASSWORD 'bypass-password'")
+        conn.execute("GRANT CONNECT ON DATABASE chat TO chat_bypass")
+    try:
+        code, output = refusal(f"postgresql://chat_bypass:bypass-password@127.0.0.1:{cluster.port}/chat")
+        assert code != 0
+        assert "refusing to serve" in output and "BYPASSRLS" in output
+    finally:
+        with psycopg.connect(superuser_url, autocommit=True) as conn:
+            conn.execute("DROP OWNED BY chat_bypass")
+            conn.execute("DROP ROLE chat_bypass")
+
+
+def test_refuses_to_serve_without_a_secret(app_url):
+    code, output = refusal(app_url, BETTER_AUTH_SECRET="")
+    assert code != 0 and "BETTER_AUTH_SECRET" in output
+
+
+def test_database_down_at_start_is_not_a_refusal():
+    user = make_user()
+    with gunicorn(f"postgresql://nobody:pw@127.0.0.1:{free_port()}/chat") as server:
+        response = requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=15)
+        assert response.status_code == 503 and "Retry-After" in response.headers
+        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+
+
+def test_wsgi_imports_without_tables_or_secret():
+    """`flask db upgrade` imports wsgi before any table exists and without a secret."""
+    result = subprocess.run([sys.executable, "-c", "import wsgi; print(wsgi.app.name)"], cwd=ROOT, capture_output=True,
+                            text=True, env={"DATABASE_URL": "postgresql://u@127.0.0.1:1/none", "PATH": ""})
+    assert result.returncode == 0, result.stderr

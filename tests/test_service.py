@@ -1,0 +1,104 @@
+"""Service routes, configuration, the CLI, and database outages as 503."""
+from __future__ import annotations
+
+import jwt
+import pytest
+from conftest import SECRET, built_app, make_user
+
+from chat_blueprint import create_app
+from chat_blueprint.config import ConfigError, load_settings, normalize_database_url
+from chat_blueprint.devcluster import free_port
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_readyz_when_isolation_is_in_force(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ready"}
+
+
+def test_readyz_and_api_refuse_a_superuser(superuser_url):
+    with built_app(superuser_url.rsplit("/", 1)[0] + "/chat") as app:
+        client = app.test_client()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "superuser" in ready.get_json()["error"]["message"]
+        user = make_user()
+        refused = client.get(f"/api/{user.id}/tasks", headers=user.headers)
+        assert refused.status_code == 503
+        assert refused.get_json()["error"]["code"] == "isolation_not_in_force"
+
+
+def unreachable_url() -> str:
+    return f"postgresql://nobody:secret@127.0.0.1:{free_port()}/chat"
+
+
+def test_database_down_is_503_with_retry_after():
+    with built_app(unreachable_url()) as app:
+        client = app.test_client()
+        user = make_user()
+        for response in (client.get(f"/api/{user.id}/tasks", headers=user.headers), client.get("/readyz")):
+            assert response.status_code == 503
+            assert response.headers["Retry-After"].isdigit()
+            assert response.get_json()["error"]["code"] == "database_unavailable"
+        assert client.get("/healthz").status_code == 200
+
+
+def test_openapi_document_covers_the_routes(client):
+    document = client.get("/api/openapi.json").get_json()
+    assert document["openapi"].startswith("3.")
+    paths = document["paths"]
+    assert set(paths["/api/{user_id}/tasks"]) >= {"get", "post", "parameters"}
+    assert set(paths["/api/{user_id}/tasks/{task_id}"]) >= {"get", "put", "delete"}
+    assert "patch" in paths["/api/{user_id}/tasks/{task_id}/complete"]
+    task = document["components"]["schemas"]["Task"]
+    assert set(task["properties"]) == {"id", "user_id", "title", "description", "completed", "created_at",
+                                       "updated_at"}
+    create = paths["/api/{user_id}/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert create["$ref"].endswith("TaskCreate")
+
+
+def test_mint_token(runner):
+    result = runner.invoke(args=["mint-token", "erin", "--ttl", "120"])
+    assert result.exit_code == 0, result.output
+    claims = jwt.decode(result.output.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "erin" and claims["exp"] - claims["iat"] == 120
+
+
+def test_mint_token_needs_the_secret(app_url):
+    app = create_app({"ENV": {"DATABASE_URL": app_url}})
+    result = app.test_cli_runner().invoke(args=["mint-token", "erin"])
+    assert result.exit_code != 0 and "BETTER_AUTH_SECRET" in result.output
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({}, "DATABASE_URL"),
+    ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://h:notaport/db"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_HISTORY_LIMIT": "many"}, "CHAT_HISTORY_LIMIT"),
+    ({"DATABASE_URL": "postgresql://h/db", "MESSAGE_MAX_CHARS": "0"}, "MESSAGE_MAX_CHARS"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT": "magic"}, "ASSISTANT"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT": "openai"}, "ASSISTANT_BASE_URL"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TIMEOUT_S": "-1"}, "ASSISTANT_TIMEOUT_S"),
+    ({"DATABASE_URL": "postgresql://h/db", "DATABASE_PREPARED_STATEMENTS": "maybe"}, "DATABASE_PREPARED_STATEMENTS"),
+    ({"DATABASE_URL": "postgresql://h/db", "BETTER_AUTH_JWKS_URL": "not a url"}, "BETTER_AUTH_JWKS_URL"),
+])
+def test_bad_settings_name_the_variable(env, variable):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env)
+    message = str(raised.value)
+    assert message.startswith(variable) and "\n" not in message
+
+
+def test_serving_needs_a_way_to_verify_tokens():
+    with pytest.raises(ConfigError, match="^BETTER_AUTH_SECRET"):
+        load_settings({"DATABASE_URL": "postgresql://h/db"}).require_auth()
+    load_settings({"DATABASE_URL": "postgresql://h/db", "BETTER_AUTH_JWKS_URL": "https://a.example/jwks"}).require_auth()
+
+
+@pytest.mark.parametrize("url", ["postgres://u:p@h:5432/db", "postgresql://u:p@h:5432/db",
+                                 "postgresql+psycopg://u:p@h:5432/db"])
+def test_database_url_schemes_all_use_psycopg(url):
+    assert normalize_database_url(url) == "postgresql+psycopg://u:p@h:5432/db"
