@@ -7,6 +7,7 @@ import threading
 from flask import Flask
 
 from . import tenancy
+from .assistants import build_assistant
 from .auth import TokenVerifier
 from .config import load_settings
 from .errors import register_error_handlers
@@ -40,16 +41,18 @@ def create_app(test_config: dict | None = None) -> Flask:
     tenancy.install()
     app.extensions["token_verifier"] = TokenVerifier.from_settings(settings)
     app.extensions["isolation_verified"] = threading.Event()
+    app.extensions["assistant"] = build_assistant(settings)
 
     from .http import BigIntConverter
 
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
 
-    from . import service, tasks
+    from . import chat, service, tasks
 
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)
+    app.register_blueprint(chat.bp)
 
     from .cli import register_commands
 

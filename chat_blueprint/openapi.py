@@ -14,6 +14,7 @@ ERROR_STATUSES = {
     "403": "the token belongs to another user",
     "404": "no such resource for this user",
     "405": "method not allowed",
+    "409": "the first request with this Idempotency-Key is still running",
     "413": "body over 1 MiB",
     "415": "the body is not application/json",
     "422": "a field fails validation",
@@ -97,7 +98,44 @@ def _service_paths(spec: APISpec) -> None:
     }})
 
 
-PATH_BUILDERS = [_task_paths, _service_paths]
+def _chat_paths(spec: APISpec) -> None:
+    chat_errors = {**_errors(*BODY_ERRORS, "409"),
+                   "502": {"description": "the assistant failed; error.conversation_id names the conversation",
+                           "content": _json("Error")},
+                   "504": {"description": "the assistant timed out; error.conversation_id names the conversation",
+                           "content": _json("Error")}}
+    chat = _operation("One chat turn: store the message, ask the assistant with the stored history, store its reply",
+                      _ok("200", "the assistant's reply", "ChatResponse"), body=schemas.ChatRequestSchema,
+                      errors=(), parameters=[IDEMPOTENCY_KEY])
+    chat["responses"].update(chat_errors)
+    spec.path(path="/api/{user_id}/chat", parameters=[USER_ID], operations={"post": chat})
+    spec.path(
+        path="/api/{user_id}/conversations",
+        parameters=[USER_ID],
+        operations={"get": _operation("List conversations, most recently updated first",
+                                      _ok("200", "a page of conversations", "ConversationPage"),
+                                      query=schemas.PageQuerySchema, errors=("401", "403", "422", "503"))},
+    )
+    spec.path(
+        path="/api/{user_id}/conversations/{conversation_id}",
+        parameters=[USER_ID, CONVERSATION_ID],
+        operations={
+            "get": _operation("Read a conversation", _ok("200", "the conversation", "Conversation")),
+            "patch": _operation("Rename a conversation", _ok("200", "the conversation", "Conversation"),
+                                body=schemas.ConversationPatchSchema, errors=BODY_ERRORS),
+            "delete": _operation("Delete a conversation and its messages", _ok("204", "deleted")),
+        },
+    )
+    spec.path(
+        path="/api/{user_id}/conversations/{conversation_id}/messages",
+        parameters=[USER_ID, CONVERSATION_ID],
+        operations={"get": _operation("Page through a conversation's messages",
+                                      _ok("200", "a page of messages", "MessagePage"),
+                                      query=schemas.MessagePageQuerySchema, errors=("401", "403", "404", "422", "503"))},
+    )
+
+
+PATH_BUILDERS = [_task_paths, _chat_paths, _service_paths]
 
 
 @lru_cache(maxsize=1)
