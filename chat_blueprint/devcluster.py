@@ -198,6 +198,7 @@ def run(root: Path) -> int:
         migrate(cluster, env)
         env["DATABASE_URL"] = cluster.url(APP_ROLE)
         env["PORT"] = str(port)
+        env.setdefault("HOST", "127.0.0.1")
         user = "dev-user"
         token = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "mint-token", user, "--ttl", "86400"],
                                env=env, check=True, capture_output=True, text=True).stdout.strip()
