@@ -208,11 +208,14 @@ def run(root: Path) -> int:
         print(f"  curl -s -X POST {base}/api/{user}/chat -H 'Authorization: Bearer {token}' "
               "-H 'Content-Type: application/json' -d '{\"message\": \"hello\"}'\n", flush=True)
         server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], env=env)
-        try:
-            return server.wait()
-        except KeyboardInterrupt:
-            server.send_signal(signal.SIGINT)
-            return server.wait()
+
+        def forward(signum, frame):
+            if server.poll() is None:
+                server.send_signal(signum)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        return server.wait()
     finally:
         cluster.stop()
 
