@@ -1,0 +1,149 @@
+"""An assistant backed by any server that speaks OpenAI Chat Completions.
+
+OpenAI itself, vLLM, llama.cpp's server, Ollama and the like all accept the
+same request, so one backend covers them: ASSISTANT_BASE_URL picks the
+server, ASSISTANT_MODEL the model. The official `openai` package does the
+wire format, authentication and timeouts.
+
+Time budget: the chat endpoint treats a request whose assistant call never
+came back as failed once ASSISTANT_TIMEOUT_S + 30 s have passed, so one call
+must not outlive ASSISTANT_TIMEOUT_S by much. The client therefore makes a
+single attempt (`max_retries=0`): its retries would each get a full timeout
+and it would honour a `Retry-After` of up to minutes. A failed turn is
+retried by the caller instead, with the same `Idempotency-Key`, which is
+safe. The timeout applies to each phase (connect, send, wait for the
+answer); a non-streamed completion arrives in one piece at the end, so the
+wait for the answer is what it bounds in practice.
+
+The API key is sent as the bearer token and nowhere else: error messages
+are composed here from the status code and a short error code, never from
+the upstream body (which may echo the key), and the original exception is
+not chained.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Sequence
+
+import openai
+
+from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
+
+NO_API_KEY = "unused"
+SAFE_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class OpenAICompatibleAssistant:
+    """Sends the system prompt and the history window; maps the reply or the failure."""
+
+    def __init__(self, *, base_url: str, model: str, timeout_s: float,
+                 api_key: str | None = None, system_prompt: str | None = None):
+        self.model = model
+        self.system_prompt = system_prompt
+        self._api_key = api_key
+        # Local servers need no key, but the client insists on one; a placeholder
+        # also keeps it from reading OPENAI_API_KEY behind the operator's back.
+        self._client = openai.OpenAI(
+            base_url=base_url,
+            api_key=api_key or NO_API_KEY,
+            timeout=timeout_s,
+            max_retries=0,
+        )
+
+    @classmethod
+    def from_settings(cls, settings) -> OpenAICompatibleAssistant:
+        return cls(
+            base_url=settings.assistant_base_url,
+            model=settings.assistant_model,
+            timeout_s=settings.assistant_timeout_s,
+            api_key=settings.assistant_api_key,
+            system_prompt=settings.assistant_system_prompt,
+        )
+
+    def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
+        """One Chat Completions call for the window; `turn` is not needed by the model."""
+        try:
+            completion = self._client.chat.completions.create(model=self.model, messages=self.messages(history))
+        except openai.APITimeoutError:
+            raise AssistantTimeout("the assistant backend did not answer in time") from None
+        except openai.APIStatusError as exc:
+            raise AssistantError(self._redact(_status_message(exc))) from None
+        except openai.APIConnectionError:
+            raise AssistantError("the assistant backend could not be reached") from None
+        except (openai.OpenAIError, ValueError):
+            raise AssistantError("the assistant backend answered with a malformed body") from None
+        return reply_from(completion)
+
+    def messages(self, history: Sequence[HistoryMessage]) -> list[dict]:
+        """The request's messages: the system prompt if set, then the window oldest first.
+
+        Past tool calls are described in the assistant's text rather than sent
+        as `tool_calls`: the protocol requires a `tool` result message after
+        every tool call, this app stores none, and servers reject the request
+        without them.
+        """
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for message in history:
+            content = message.content
+            if message.tool_calls:
+                content = "\n".join(filter(None, [content, *map(_describe_tool_call, message.tool_calls)]))
+            messages.append({"role": message.role, "content": content})
+        return messages
+
+    def close(self) -> None:
+        """Release the client's pooled connections."""
+        self._client.close()
+
+    def _redact(self, message: str) -> str:
+        return message.replace(self._api_key, "[redacted]") if self._api_key else message
+
+
+def reply_from(completion) -> Reply:
+    """The first choice as a `Reply`; anything unusable is an `AssistantError`.
+
+    The client does not validate the body, so its shape is checked here. A
+    reply with tool calls and no text is valid; one with neither is not,
+    since there is nothing to show or store (and a retry may do better).
+    """
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise AssistantError("the assistant backend answered without a choice")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if content is None:
+        content = getattr(message, "refusal", None)
+    if message is None or not isinstance(content, (str, type(None))):
+        raise AssistantError("the assistant backend answered with a malformed message")
+    calls = [_tool_call(call) for call in getattr(message, "tool_calls", None) or []]
+    if not content and not calls:
+        raise AssistantError("the assistant backend answered with an empty reply")
+    return Reply(text=content or "", tool_calls=calls)
+
+
+def _tool_call(call) -> dict:
+    """`{"id", "name", "arguments"}` with the arguments parsed from their JSON text."""
+    function = getattr(call, "function", None)
+    call_id = getattr(call, "id", None)
+    name = getattr(function, "name", None)
+    arguments = getattr(function, "arguments", None)
+    if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, str)):
+        raise AssistantError("the assistant backend answered with a malformed tool call")
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        raise AssistantError("the assistant backend sent tool-call arguments that are not JSON") from None
+    return {"id": call_id, "name": name, "arguments": parsed}
+
+
+def _describe_tool_call(call: dict) -> str:
+    arguments = json.dumps(call.get("arguments"), ensure_ascii=False)
+    return f"[called tool {call.get('name')} with {arguments}]"
+
+
+def _status_message(exc: openai.APIStatusError) -> str:
+    """HTTP status plus the upstream error code when it is a short identifier; never the upstream text."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = next((value for value in (body.get("code"), body.get("type")) if isinstance(value, str)), None)
+    detail = f" ({code})" if code and SAFE_ERROR_CODE.fullmatch(code) else ""
+    return f"the assistant backend answered HTTP {exc.status_code}{detail}"
