@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test install postgres bench fuzz clean
+.PHONY: run test test-deps install postgres bench fuzz clean
 
 run: install postgres
 	$(PY) -m chat_blueprint.devcluster run
 
-test: install postgres
+test: install postgres test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -23,5 +23,28 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 postgres: install
 	@$(PY) -m chat_blueprint.devcluster install >/dev/null
 
+# The deployment tests start nginx and PgBouncer from the distribution's
+# packages. Install the missing ones when we are root; otherwise say which are
+# missing (those tests then fail, naming them).
+TEST_PACKAGES := nginx pgbouncer
+
+test-deps:
+	@missing=""; \
+	for program in $(TEST_PACKAGES); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$program >/dev/null 2>&1 || missing="$$missing $$program"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "missing for the deployment tests:$$missing (apt-get install$$missing)" >&2; exit 0; \
+	fi; \
+	echo "installing the distribution's packages for the deployment tests:$$missing" >&2; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null
+
 clean:
 	rm -rf $(VENV) .data *.egg-info
+
+bench: install postgres
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; } || { echo "wrk not found: install the distribution's wrk package"; exit 1; }
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/run.py

@@ -5,7 +5,7 @@ import logging
 import uuid
 
 from flask import current_app, g, request
-from sqlalchemy.exc import DBAPIError
+import psycopg
 
 from . import conversations
 from .assistants import AssistantError, AssistantTimeout
@@ -14,7 +14,6 @@ from .extensions import db
 from .http import json_body, query_args, user_blueprint
 from .schemas import (
     ChatRequestSchema,
-    ChatResponseSchema,
     ConversationPageSchema,
     ConversationPatchSchema,
     ConversationSchema,
@@ -30,7 +29,6 @@ bp = user_blueprint("chat", __name__)
 conversation_schema = ConversationSchema()
 conversation_page_schema = ConversationPageSchema()
 message_page_schema = MessagePageSchema()
-chat_response_schema = ChatResponseSchema()
 
 IDEMPOTENCY_KEY_MAX = 255
 STALE_GRACE_S = 30
@@ -59,35 +57,34 @@ def chat():
         claim = conversations.IdempotencyClaim.of(
             key, body["message"], body["conversation_id"],
             stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S, ttl_s=settings.idempotency_ttl_s)
-    session = db.session
-    pending = conversations.begin_turn(session, g.user_id, body["message"], body["conversation_id"], claim,
+    engine = db.engine
+    pending = conversations.begin_turn(engine, g.user_id, body["message"], body["conversation_id"], claim,
                                        settings.chat_history_limit)
     if isinstance(pending, conversations.Replay):
-        return chat_response_schema.dump(pending.response)
+        return pending.response
     try:
         reply = current_app.extensions["assistant"].reply(pending.history, pending.turn)
     except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
-        return _assistant_failed(session, pending, failure)
+        return _assistant_failed(engine, pending, failure)
     try:
-        answer = conversations.finish_turn(session, g.user_id, pending, reply)
-    except DBAPIError:
-        _release_key_after_database_error(session, pending)
+        answer = conversations.finish_turn(engine, g.user_id, pending, reply)
+    except psycopg.OperationalError:
+        _release_key_after_database_error(engine, pending)
         raise
-    return chat_response_schema.dump(answer)
+    return answer
 
 
-def _release_key_after_database_error(session, pending) -> None:
+def _release_key_after_database_error(engine, pending) -> None:
     """The reply could not be stored: free the key at once (on a fresh
     connection) so a retry can answer the stored message, if the database allows."""
-    session.rollback()
     try:
-        conversations.fail_turn(session, g.user_id, pending)
-    except DBAPIError:
-        session.rollback()
+        conversations.fail_turn(engine, g.user_id, pending)
+    except psycopg.OperationalError:
+        pass
 
 
-def _assistant_failed(session, pending, failure: Exception):
-    conversations.fail_turn(session, g.user_id, pending)
+def _assistant_failed(engine, pending, failure: Exception):
+    conversations.fail_turn(engine, g.user_id, pending)
     if isinstance(failure, AssistantTimeout):
         status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"
     elif isinstance(failure, AssistantError):

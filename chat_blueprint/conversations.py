@@ -13,6 +13,11 @@ connection is held while the assistant thinks:
 The conversation row lock serialises turns of one conversation across any
 number of app instances, so message ids follow one total order per
 conversation, and each turn sees every message committed before it.
+
+The turn is the hot path, so it skips the ORM: each transaction is a few SQL
+statements sent in one psycopg pipeline (one network round trip for a turn
+without a key), with the user bound by `tenancy.bind_cursor` as the first
+statement. Everything else here uses SQLAlchemy.
 """
 from __future__ import annotations
 
@@ -20,16 +25,20 @@ import base64
 import hashlib
 import json
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from . import tenancy
 from .assistants import HistoryMessage, Reply
 from .errors import ApiError
-from .models import Conversation, IdempotencyKey, Message
+from .models import Conversation, Message
 from .schemas import TITLE_PREVIEW_CHARS
 
 BIGINT_MAX = 2**63 - 1
@@ -93,173 +102,243 @@ class Replay:
     response: dict
 
 
-def begin_turn(session: Session, user_id: str, message: str, conversation_id: uuid.UUID | None,
-               claim: IdempotencyClaim | None, history_limit: int) -> PendingTurn | Replay:
-    """Transaction 1 of a turn: store the user message and read the window."""
-    with session.begin():
-        if claim is not None:
-            outcome = _claim_key(session, user_id, claim)
-            if isinstance(outcome, Replay):
-                return outcome
-            if outcome is not None:
-                return _resume(session, user_id, outcome, claim.key, history_limit)
-        if conversation_id is None:
-            conversation_id, turn = _create_conversation(session, user_id, message)
-        else:
-            turn = _count_user_message(session, user_id, conversation_id)
-        user_message_id = session.scalar(
-            insert(Message)
-            .values(conversation_id=conversation_id, user_id=user_id, role="user", content=message, turn=turn)
-            .returning(Message.id)
-        )
-        if claim is not None:
-            session.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == claim.key)
-                .values(conversation_id=conversation_id, user_message_id=user_message_id)
-            )
-        history = history_window(session, conversation_id, user_message_id, history_limit)
-    return PendingTurn(conversation_id, user_message_id, turn, history, claim.key if claim else None)
+# Transaction 1. The user message goes in with the conversation's row lock
+# taken by the UPDATE (or the conversation is created), and, under a key,
+# the key row learns which message it stored.
+STORE_IN_CONVERSATION = """
+WITH locked AS (
+    UPDATE conversation
+    SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
+    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
+    RETURNING id, turn_count
+), stored AS (
+    INSERT INTO message (conversation_id, user_id, role, content, turn)
+    SELECT id, %(user_id)s, 'user', %(content)s, turn_count FROM locked
+    RETURNING conversation_id, id, turn
+), claimed AS (
+    UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
+    FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
+)
+SELECT conversation_id, id, turn FROM stored
+"""
+
+STORE_IN_NEW_CONVERSATION = """
+WITH created AS (
+    INSERT INTO conversation (user_id, title, message_count, turn_count)
+    VALUES (%(user_id)s, %(title)s, 1, 1)
+    RETURNING id
+), stored AS (
+    INSERT INTO message (conversation_id, user_id, role, content, turn)
+    SELECT id, %(user_id)s, 'user', %(content)s, 1 FROM created
+    RETURNING conversation_id, id, turn
+), claimed AS (
+    UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
+    FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
+)
+SELECT conversation_id, id, turn FROM stored
+"""
+
+# The last messages up to and including the user message, oldest last: a
+# backward scan of the (conversation_id, id) index that stops after `limit`
+# rows, so its cost does not grow with the conversation's length.
+HISTORY_WINDOW = """
+SELECT role, content, tool_calls FROM message
+WHERE conversation_id = %(conversation_id)s AND id <= %(up_to)s
+ORDER BY id DESC LIMIT %(limit)s
+"""
+
+LATEST_WINDOW = """
+SELECT role, content, tool_calls FROM message
+WHERE conversation_id = %(conversation_id)s
+ORDER BY id DESC LIMIT %(limit)s
+"""
+
+CLAIM_KEY = """
+INSERT INTO idempotency_key (user_id, key, request_hash, status)
+VALUES (%(user_id)s, %(key)s, %(request_hash)s, 'running')
+ON CONFLICT DO NOTHING
+RETURNING key
+"""
+
+LOCK_KEY = """
+SELECT request_hash, status, conversation_id, user_message_id, response,
+       created_at < now() - make_interval(secs => %(ttl_s)s) AS expired,
+       updated_at < now() - make_interval(secs => %(stale_after_s)s) AS stale
+FROM idempotency_key WHERE user_id = %(user_id)s AND key = %(key)s
+FOR UPDATE
+"""
+
+RENEW_KEY = """
+UPDATE idempotency_key
+SET request_hash = %(request_hash)s, status = 'running', conversation_id = NULL, user_message_id = NULL,
+    response = NULL, created_at = now(), updated_at = now()
+WHERE user_id = %(user_id)s AND key = %(key)s
+"""
+
+RESTART_KEY = """
+UPDATE idempotency_key SET status = 'running', updated_at = now()
+WHERE user_id = %(user_id)s AND key = %(key)s
+"""
+
+FAIL_KEY = """
+UPDATE idempotency_key SET status = 'failed', updated_at = now()
+WHERE user_id = %(user_id)s AND key = %(key)s AND status = 'running'
+"""
+
+USER_MESSAGE_TURN = "SELECT turn FROM message WHERE id = %(id)s AND user_id = %(user_id)s"
+
+# Transaction 2: lock the conversation again, store the reply, and under a
+# key record the whole answer (with the new message's id) in the same commit.
+STORE_REPLY = """
+WITH locked AS (
+    UPDATE conversation SET message_count = message_count + 1, updated_at = now()
+    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
+    RETURNING id
+), reply AS (
+    INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to)
+    SELECT id, %(user_id)s, 'assistant', %(content)s, %(tool_calls)s, %(reply_to)s FROM locked
+    RETURNING id
+), answered AS (
+    UPDATE idempotency_key
+    SET status = 'done', updated_at = now(),
+        response = jsonb_set(%(response)s, '{assistant_message_id}', to_jsonb(reply.id))
+    FROM reply WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
+)
+SELECT id FROM reply
+"""
 
 
-def finish_turn(session: Session, user_id: str, pending: PendingTurn, reply: Reply) -> dict:
-    """Transaction 2 of a turn: store the reply and, under a key, the answer."""
-    with session.begin():
-        locked = session.scalar(
-            update(Conversation)
-            .where(Conversation.id == pending.conversation_id, Conversation.user_id == user_id)
-            .values(message_count=Conversation.message_count + 1, updated_at=func.now())
-            .returning(Conversation.id)
-        )
-        if locked is None:
-            raise ConversationNotFound()
-        assistant_message_id = session.scalar(
-            insert(Message)
-            .values(conversation_id=pending.conversation_id, user_id=user_id, role="assistant", content=reply.text,
-                    tool_calls=reply.tool_calls, reply_to=pending.user_message_id)
-            .returning(Message.id)
-        )
-        response = {
-            "conversation_id": str(pending.conversation_id),
-            "response": reply.text,
-            "tool_calls": reply.tool_calls,
-            "user_message_id": pending.user_message_id,
-            "assistant_message_id": assistant_message_id,
-        }
-        if pending.idempotency_key is not None:
-            session.execute(
-                update(IdempotencyKey)
-                .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == pending.idempotency_key)
-                .values(status="done", response=response, updated_at=func.now())
-            )
-    return response
+@contextmanager
+def _turn_transaction(engine: Engine, user_id: str):
+    """A pooled psycopg connection in pipeline mode, its transaction bound to
+    `user_id` by the first (queued) statement. The caller commits; anything
+    else rolls back. A connection found dead is invalidated with every other
+    pooled one, as SQLAlchemy does on a disconnect."""
+    with engine.connect() as pooled:
+        connection = pooled.connection.driver_connection
+        try:
+            with connection.pipeline():
+                tenancy.bind_cursor(connection.cursor(), user_id)
+                yield connection
+        except BaseException as exc:
+            if connection.broken or connection.closed:
+                pooled.invalidate(exc if isinstance(exc, Exception) else None)
+                engine.dispose()
+            else:
+                try:
+                    connection.rollback()
+                except psycopg.Error:
+                    pooled.invalidate()
+            raise
 
 
-def fail_turn(session: Session, user_id: str, pending: PendingTurn) -> None:
-    """The assistant failed: the user message stays; the key may be retried at once."""
-    if pending.idempotency_key is None:
-        return
-    with session.begin():
-        session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == pending.idempotency_key)
-            .values(status="failed", updated_at=func.now())
-        )
-
-
-def history_window(session: Session, conversation_id: uuid.UUID, up_to_message_id: int,
-                   limit: int) -> list[HistoryMessage]:
-    """The last `limit` messages up to and including `up_to_message_id`, oldest first.
-
-    A backward scan of the `(conversation_id, id)` index that stops after
-    `limit` rows: its cost does not grow with the conversation's length.
-    """
-    rows = session.execute(
-        select(Message.role, Message.content, Message.tool_calls)
-        .where(Message.conversation_id == conversation_id, Message.id <= up_to_message_id)
-        .order_by(Message.id.desc())
-        .limit(limit)
-    ).all()
+def _window(rows) -> list[HistoryMessage]:
     return [HistoryMessage(role, content, tool_calls) for role, content, tool_calls in reversed(rows)]
 
 
-def _create_conversation(session: Session, user_id: str, message: str) -> tuple[uuid.UUID, int]:
-    conversation_id = session.scalar(
-        insert(Conversation)
-        .values(user_id=user_id, title=message[:TITLE_PREVIEW_CHARS], message_count=1, turn_count=1)
-        .returning(Conversation.id)
-    )
-    return conversation_id, 1
+def begin_turn(engine: Engine, user_id: str, message: str, conversation_id: uuid.UUID | None,
+               claim: IdempotencyClaim | None, history_limit: int) -> PendingTurn | Replay:
+    """Transaction 1 of a turn: store the user message and read the window."""
+    key = claim.key if claim else None
+    params = {"user_id": user_id, "content": message, "conversation_id": conversation_id, "key": key,
+              "title": message[:TITLE_PREVIEW_CHARS], "limit": history_limit}
+    with _turn_transaction(engine, user_id) as connection:
+        if claim is not None:
+            outcome = _claim_key(connection, user_id, claim, history_limit)
+            if outcome is not None:
+                return outcome
+        stored = connection.cursor()
+        window = connection.cursor()
+        if conversation_id is None:
+            stored.execute(STORE_IN_NEW_CONVERSATION, params)
+        else:
+            stored.execute(STORE_IN_CONVERSATION, params)
+            window.execute(LATEST_WINDOW, params)
+        if claim is None:
+            connection.commit()
+        row = stored.fetchone()
+        if row is None:
+            raise ConversationNotFound()
+        history = _window(window.fetchall()) if conversation_id else [HistoryMessage("user", message, [])]
+        if claim is not None:
+            connection.commit()
+    conversation_id, user_message_id, turn = row
+    return PendingTurn(conversation_id, user_message_id, turn, history, key)
 
 
-def _count_user_message(session: Session, user_id: str, conversation_id: uuid.UUID) -> int:
-    """Lock the conversation (the UPDATE takes its row lock until commit) and
-    number the new user message. A missing or foreign conversation is a 404."""
-    turn = session.scalar(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
-        .values(turn_count=Conversation.turn_count + 1, message_count=Conversation.message_count + 1,
-                updated_at=func.now())
-        .returning(Conversation.turn_count)
-    )
-    if turn is None:
-        raise ConversationNotFound()
-    return turn
+def _claim_key(connection, user_id: str, claim: IdempotencyClaim, history_limit: int) -> PendingTurn | Replay | None:
+    """Claim `claim.key` for this request, inside transaction 1.
 
-
-def _claim_key(session: Session, user_id: str, claim: IdempotencyClaim) -> Replay | IdempotencyKey | None:
-    """Claim `claim.key` for this request.
-
-    Returns None when this request is the first (go on as a new turn), a
-    Replay when the first one finished, or the key's row when the first one
-    failed or died after storing its user message (resume it). Raises 422 for
-    another body under the key and 409 while the first is still running.
+    None: this request is the first (or the key expired, or the first died
+    before storing anything): go on as a new turn. Replay: the first finished.
+    PendingTurn: the first failed or died after storing its user message;
+    answer that message. 422 for another body under the key; 409 while the
+    first is still running.
     """
-    inserted = session.scalar(
-        pg_insert(IdempotencyKey)
-        .values(user_id=user_id, key=claim.key, request_hash=claim.request_hash, status="running")
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKey.key)
-    )
-    if inserted is not None:
+    params = {"user_id": user_id, "key": claim.key, "request_hash": claim.request_hash, "ttl_s": claim.ttl_s,
+              "stale_after_s": claim.stale_after_s}
+    claimed = connection.cursor()
+    claimed.execute(CLAIM_KEY, params)
+    if claimed.fetchone() is not None:
         return None
-    row = session.scalar(
-        select(IdempotencyKey)
-        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == claim.key)
-        .with_for_update()
-    )
-    now = session.scalar(select(func.now()))
-    if row.created_at < now - timedelta(seconds=claim.ttl_s):
-        session.execute(
-            update(IdempotencyKey)
-            .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == claim.key)
-            .values(request_hash=claim.request_hash, status="running", conversation_id=None, user_message_id=None,
-                    response=None, created_at=func.now(), updated_at=func.now())
-        )
+    locked = connection.cursor()
+    locked.execute(LOCK_KEY, params)
+    request_hash, status, conversation_id, user_message_id, response, expired, stale = locked.fetchone()
+    if expired:
+        connection.cursor().execute(RENEW_KEY, params)
         return None
-    if row.request_hash != claim.request_hash:
+    if request_hash != claim.request_hash:
         raise IdempotencyKeyReused()
-    if row.status == "done":
-        return Replay(row.response)
-    if row.status == "running" and row.updated_at > now - timedelta(seconds=claim.stale_after_s):
+    if status == "done":
+        connection.rollback()
+        return Replay(response)
+    if status == "running" and not stale:
         raise IdempotencyKeyInFlight()
-    session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == claim.key)
-        .values(status="running", updated_at=func.now())
-    )
-    return row if row.user_message_id is not None else None
-
-
-def _resume(session: Session, user_id: str, key_row: IdempotencyKey, key: str, history_limit: int) -> PendingTurn:
-    """Answer the user message a failed first request stored, without storing it again."""
-    turn = session.scalar(
-        select(Message.turn).where(Message.id == key_row.user_message_id, Message.user_id == user_id)
-    )
-    if turn is None:
+    connection.cursor().execute(RESTART_KEY, params)
+    if user_message_id is None:
+        return None
+    turn, window = connection.cursor(), connection.cursor()
+    turn.execute(USER_MESSAGE_TURN, {"id": user_message_id, "user_id": user_id})
+    window.execute(HISTORY_WINDOW, {"conversation_id": conversation_id, "up_to": user_message_id,
+                                    "limit": history_limit})
+    connection.commit()
+    row = turn.fetchone()
+    if row is None:
         raise ConversationNotFound()
-    history = history_window(session, key_row.conversation_id, key_row.user_message_id, history_limit)
-    return PendingTurn(key_row.conversation_id, key_row.user_message_id, turn, history, key)
+    return PendingTurn(conversation_id, user_message_id, row[0], _window(window.fetchall()), claim.key)
+
+
+def finish_turn(engine: Engine, user_id: str, pending: PendingTurn, reply: Reply) -> dict:
+    """Transaction 2 of a turn: store the reply and, under a key, the answer."""
+    response = {
+        "conversation_id": str(pending.conversation_id),
+        "response": reply.text,
+        "tool_calls": reply.tool_calls,
+        "user_message_id": pending.user_message_id,
+        "assistant_message_id": None,
+    }
+    with _turn_transaction(engine, user_id) as connection:
+        stored = connection.cursor()
+        stored.execute(STORE_REPLY, {
+            "user_id": user_id, "conversation_id": pending.conversation_id, "content": reply.text,
+            "tool_calls": Jsonb(reply.tool_calls), "reply_to": pending.user_message_id,
+            "key": pending.idempotency_key, "response": Jsonb(response),
+        })
+        connection.commit()
+        row = stored.fetchone()
+    if row is None:
+        raise ConversationNotFound()
+    response["assistant_message_id"] = row[0]
+    return response
+
+
+def fail_turn(engine: Engine, user_id: str, pending: PendingTurn) -> None:
+    """The assistant failed: the user message stays; the key may be retried at once."""
+    if pending.idempotency_key is None:
+        return
+    with _turn_transaction(engine, user_id) as connection:
+        connection.cursor().execute(FAIL_KEY, {"user_id": user_id, "key": pending.idempotency_key})
+        connection.commit()
 
 
 # Conversation history

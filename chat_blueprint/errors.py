@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 from flask import Flask, jsonify
 from marshmallow import ValidationError
 from sqlalchemy import exc as sa_exc
@@ -61,6 +62,7 @@ def register_error_handlers(app: Flask) -> None:
             headers["Allow"] = ", ".join(error.valid_methods)
         return error_response(error.code or 500, _snake(error.name), error.description or error.name, headers)
 
+    @app.errorhandler(psycopg.OperationalError)
     @app.errorhandler(sa_exc.OperationalError)
     @app.errorhandler(sa_exc.InterfaceError)
     @app.errorhandler(sa_exc.TimeoutError)

@@ -1,22 +1,28 @@
 """The one place that binds `app.user_id` to a database transaction.
 
 The verified user id lives in a context variable for the length of a request.
-A Session `after_begin` hook runs `set_config('app.user_id', <id>, true)` at the
-start of *every* transaction the session opens, including the ones SQLAlchemy
-opens after a commit to refresh objects. The setting is transaction-local, so a
-pooled connection carries nothing from one request to the next.
+`bind_cursor` runs `select set_config('app.user_id', <id>, true)`; it is called
+
+- by a Session `after_begin` hook at the start of *every* transaction a
+  Session opens, including the ones SQLAlchemy opens after a commit to
+  refresh objects, and
+- by the chat turn's pipelined transactions (conversations.py), as their
+  first statement.
+
+The setting is transaction-local, so a pooled connection carries nothing
+from one request to the next, and PgBouncer transaction pooling is safe.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
 
-BIND_USER = text("select set_config('app.user_id', :user_id, true)")
+BIND_USER_SQL = "select set_config('app.user_id', %s, true)"
 
 
 def current_user_id() -> str | None:
@@ -41,10 +47,16 @@ def user_scope(user_id: str):
         unbind_user(token)
 
 
+def bind_cursor(cursor, user_id: str) -> None:
+    """Bind `user_id` to the transaction `cursor` runs in (a psycopg cursor)."""
+    cursor.execute(BIND_USER_SQL, (user_id,))
+
+
 def _bind_transaction(session, transaction, connection) -> None:
     user_id = _current_user.get()
     if user_id is not None:
-        connection.execute(BIND_USER, {"user_id": user_id})
+        with connection.connection.driver_connection.cursor() as cursor:
+            bind_cursor(cursor, user_id)
 
 
 def install(session_target=Session) -> None:

@@ -8,11 +8,9 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 from conftest import built_app, connect
-from sqlalchemy import event
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, Reply
 from chat_blueprint.assistants.builtin import BuiltinAssistant
-from chat_blueprint.extensions import db
 
 
 class RecordingAssistant(BuiltinAssistant):
@@ -142,39 +140,36 @@ def test_history_limit_is_configurable(app_url, alice):
     assert [m.content for m in history] == ["b", second["response"], "c"] and turn == 3
 
 
-class StatementCounter:
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, *args, **kwargs):
-        self.count += 1
-
-
 @contextmanager
-def counting_statements(app):
-    counter = StatementCounter()
-    with app.app_context():
-        engine = db.engine
-    event.listen(engine, "before_cursor_execute", counter)
-    try:
-        yield counter
-    finally:
-        event.remove(engine, "before_cursor_execute", counter)
+def counting_statements(monkeypatch):
+    """Counts every statement psycopg sends, whether from SQLAlchemy or raw."""
+    sent = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor, query, *args, **kwargs):
+        sent.append(str(query))
+        return execute(cursor, query, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", counted)
+        yield sent
 
 
-def test_a_turn_runs_a_constant_number_of_statements(client, alice, app, app_url):
+def test_a_turn_runs_a_constant_number_of_statements(client, alice, app_url, monkeypatch):
     short = chat(client, alice, "short").get_json()["conversation_id"]
     long = seed_messages(app_url, alice.id, 2000)
     counts = []
     for conversation_id in (short, long, short):
-        with counting_statements(app) as counter:
+        with counting_statements(monkeypatch) as sent:
             assert chat(client, alice, "count me", conversation_id).status_code == 200
-        counts.append(counter.count)
-    with counting_statements(app) as counter:
-        chat(client, alice, "new conversation")
-    assert counts[0] == counts[1] == counts[2]
-    assert counter.count <= counts[0]
-    assert counts[0] <= 8, counts
+        counts.append(len(sent))
+    with counting_statements(monkeypatch) as sent:
+        assert chat(client, alice, "new conversation").status_code == 200
+    assert counts[0] == counts[1] == counts[2] == 5, counts
+    assert len(sent) == 4
+    with counting_statements(monkeypatch) as sent:
+        assert chat(client, alice, "with a key", short, key="count-key").status_code == 200
+    assert len(sent) == 6
 
 
 @pytest.mark.parametrize("method, suffix, body", [

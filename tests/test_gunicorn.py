@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import requests
 from conftest import ROOT, gunicorn, make_user
@@ -15,16 +16,26 @@ def test_task_round_trip_over_http(app_url):
     with gunicorn(app_url, workers=2) as server:
         base = f"{server.url}/api/{user.id}/tasks"
         created = requests.post(base, json={"title": "over http"}, headers=user.headers, timeout=10)
-        assert created.status_code == 201
+        assert created.status_code == 201, created.text
         task = created.json()
         assert requests.get(base, headers=user.headers, timeout=10).json() == [task]
         toggled = requests.patch(f"{base}/{task['id']}/complete", headers=user.headers, timeout=10)
-        assert toggled.json()["completed"] is True
+        assert toggled.json()["completed"] is True, (toggled.status_code, toggled.text, task)
         assert requests.delete(f"{base}/{task['id']}", headers=user.headers, timeout=10).status_code == 204
         assert requests.get(base, headers=user.headers, timeout=10).json() == []
         assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
-        assert f'"POST /api/{user.id}/tasks" 201' in server.output()
+        assert eventually_logged(server, f'"POST /api/{user.id}/tasks" 201')
         assert user.token not in server.output()
+
+
+def eventually_logged(server, line: str, timeout_s: float = 10.0) -> bool:
+    """The access log is written by another process: give it time to land."""
+    deadline = time.monotonic() + timeout_s
+    while line not in server.output():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def refusal(database_url: str, **env) -> tuple[int, str]:
