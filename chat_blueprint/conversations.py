@@ -138,9 +138,10 @@ WITH created AS (
 SELECT conversation_id, id, turn FROM stored
 """
 
-# The last messages up to and including the user message, oldest last: a
-# backward scan of the (conversation_id, id) index that stops after `limit`
-# rows, so its cost does not grow with the conversation's length.
+# The last messages up to and including the user message, newest first: a
+# backward scan of the (conversation_id, id) primary key that stops after
+# `limit` rows, so its cost does not grow with the conversation's length
+# (migration 0002 says why no index is led by `id` alone).
 HISTORY_WINDOW = """
 SELECT role, content, tool_calls FROM message
 WHERE conversation_id = %(conversation_id)s AND id <= %(up_to)s
@@ -185,7 +186,9 @@ UPDATE idempotency_key SET status = 'failed', updated_at = now()
 WHERE user_id = %(user_id)s AND key = %(key)s AND status = 'running'
 """
 
-USER_MESSAGE_TURN = "SELECT turn FROM message WHERE id = %(id)s AND user_id = %(user_id)s"
+USER_MESSAGE_TURN = """
+SELECT turn FROM message WHERE conversation_id = %(conversation_id)s AND id = %(id)s AND user_id = %(user_id)s
+"""
 
 # Transaction 2: lock the conversation again, store the reply, and under a
 # key record the whole answer (with the new message's id) in the same commit.
@@ -298,7 +301,7 @@ def _claim_key(connection, user_id: str, claim: IdempotencyClaim, history_limit:
     if user_message_id is None:
         return None
     turn, window = connection.cursor(), connection.cursor()
-    turn.execute(USER_MESSAGE_TURN, {"id": user_message_id, "user_id": user_id})
+    turn.execute(USER_MESSAGE_TURN, {"conversation_id": conversation_id, "id": user_message_id, "user_id": user_id})
     window.execute(HISTORY_WINDOW, {"conversation_id": conversation_id, "up_to": user_message_id,
                                     "limit": history_limit})
     connection.commit()

@@ -62,7 +62,8 @@ class Conversation(db.Model):
 
 
 class Message(db.Model):
-    """One chat message. `turn` is the ordinal of a user message within its
+    """One chat message, keyed by (conversation_id, id): every query names its
+    conversation. `turn` is the ordinal of a user message within its
     conversation (1, 2, 3...), assigned under the conversation's row lock."""
 
     __tablename__ = "message"
@@ -70,7 +71,6 @@ class Message(db.Model):
         CheckConstraint("role IN ('user', 'assistant')", name="role_known"),
         CheckConstraint("(role = 'assistant') = (reply_to IS NOT NULL)", name="assistant_replies"),
         CheckConstraint("(role = 'user') = (turn IS NOT NULL)", name="user_has_turn"),
-        UniqueConstraint("id", "conversation_id"),
         ForeignKeyConstraint(
             ["conversation_id", "user_id"],
             ["conversation.id", "conversation.user_id"],
@@ -81,12 +81,11 @@ class Message(db.Model):
             ["message.id", "message.conversation_id"],
             ondelete="CASCADE",
         ),
-        Index("ix_message_conversation_id", "conversation_id", "id"),
         Index("uq_message_reply_to", "reply_to", unique=True, postgresql_where=text("reply_to IS NOT NULL")),
     )
 
+    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     user_id: Mapped[str] = mapped_column(Text)
     role: Mapped[str] = mapped_column(Text)
     content: Mapped[str] = mapped_column(Text)
