@@ -3,10 +3,16 @@
 Threads, not processes, carry concurrency: a chat turn spends most of its time
 waiting on the assistant with no database connection held, so a few workers
 with many threads serve many slow turns on a small connection pool
-(DATABASE_POOL_SIZE per worker).
+(DATABASE_POOL_SIZE per worker, so WEB_CONCURRENCY x DATABASE_POOL_SIZE per
+instance).
+
+Logs are JSON lines on stdout: the app writes one access line per request
+(with its request id), and gunicorn's own messages use the same format.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -15,11 +21,27 @@ threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
-accesslog = "-"
-errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
+backlog = 2048
 control_socket_disable = True
+accesslog = None
+loglevel = os.environ.get("LOG_LEVEL", "info")
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "chat_blueprint.observability.JsonFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "root": {"handlers": ["stdout"], "level": "WARNING"},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
+    },
+}
+
+# Metrics from every worker are merged from files in this directory (one per
+# server: a fresh directory unless the operator chose one).
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
 
 
 def on_starting(server):
@@ -32,3 +54,14 @@ def on_starting(server):
         print(str(refusal), file=sys.stderr, flush=True)
         server.log.error(str(refusal))
         sys.exit(1)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,7 +1,6 @@
 """A todo app's AI chat assistant: the persistence and API layer."""
 from __future__ import annotations
 
-import logging
 import threading
 
 from flask import Flask
@@ -48,7 +47,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
 
-    from . import chat, service, tasks
+    from . import chat, observability, service, tasks
+
+    observability.install(app)
+    with app.app_context():
+        observability.watch_pool(db.engine)
 
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)
@@ -57,7 +60,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     from .cli import register_commands
 
     register_commands(app)
-    logging.getLogger("chat_blueprint").setLevel(logging.INFO)
     return app
 
 
@@ -70,6 +72,7 @@ def _engine_options(settings) -> dict:
         "max_overflow": 0,
         "pool_timeout": settings.pool_timeout_s,
         "pool_pre_ping": False,
+        "hide_parameters": True,
         "connect_args": connect_args,
     }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from flask import current_app, g, request
@@ -11,6 +12,7 @@ from . import conversations
 from .assistants import AssistantError, AssistantTimeout
 from .errors import ApiError
 from .extensions import db
+from .observability import observe_assistant
 from .http import json_body, query_args, user_blueprint
 from .schemas import (
     ChatRequestSchema,
@@ -58,14 +60,20 @@ def chat():
             key, body["message"], body["conversation_id"],
             stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S, ttl_s=settings.idempotency_ttl_s)
     engine = db.engine
+    rate_limit = conversations.RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None
     pending = conversations.begin_turn(engine, g.user_id, body["message"], body["conversation_id"], claim,
-                                       settings.chat_history_limit)
+                                       settings.chat_history_limit, rate_limit)
     if isinstance(pending, conversations.Replay):
         return pending.response
+    backend = settings.assistant
+    started = time.perf_counter()
     try:
         reply = current_app.extensions["assistant"].reply(pending.history, pending.turn)
     except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
+        observe_assistant(backend, "timeout" if isinstance(failure, AssistantTimeout) else "error",
+                          time.perf_counter() - started)
         return _assistant_failed(engine, pending, failure)
+    observe_assistant(backend, "ok", time.perf_counter() - started)
     try:
         answer = conversations.finish_turn(engine, g.user_id, pending, reply)
     except psycopg.OperationalError:

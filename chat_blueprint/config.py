@@ -37,6 +37,7 @@ class Settings:
     pool_size: int
     pool_timeout_s: float
     idempotency_ttl_s: int
+    chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -108,6 +109,24 @@ def _on_off(env, name, default):
     raise ConfigError(f"{name} must be 'on' or 'off', got {raw!r}")
 
 
+PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
+
+
+def _rate(env, name):
+    """'N/second', 'N/minute', 'N/hour' or 'N/day'; unset means no limit."""
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    count, _, period = raw.partition("/")
+    try:
+        turns = int(count)
+    except ValueError:
+        turns = 0
+    if turns < 1 or period.strip().lower() not in PERIODS:
+        raise ConfigError(f"{name} must look like '20/minute' (per second, minute, hour or day), got {raw!r}")
+    return turns, PERIODS[period.strip().lower()]
+
+
 def _http_url(env, name):
     raw = _get(env, name)
     if raw is None:
@@ -146,6 +165,7 @@ def load_settings(env=None) -> Settings:
         pool_size=_int(env, "DATABASE_POOL_SIZE", 5, maximum=1_000),
         pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
+        chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
     )
     if settings.assistant == "openai":
         if not settings.assistant_base_url:

@@ -27,7 +27,7 @@ import json
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -62,6 +62,12 @@ class IdempotencyKeyInFlight(ApiError):
                          headers={"Retry-After": "1"})
 
 
+class RateLimited(ApiError):
+    def __init__(self, retry_after_s: int):
+        super().__init__(429, "rate_limited", "too many chat turns; retry later",
+                         headers={"Retry-After": str(retry_after_s)}, retry_after=retry_after_s)
+
+
 class InvalidCursor(ApiError):
     def __init__(self):
         super().__init__(422, "validation_failed", "the request has invalid fields",
@@ -82,6 +88,18 @@ class IdempotencyClaim:
         body = json.dumps({"message": message, "conversation_id": str(conversation_id) if conversation_id else None},
                           sort_keys=True)
         return cls(key, hashlib.sha256(body.encode()).hexdigest(), stale_after_s, ttl_s)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `turns` chat turns per `period_s` seconds per user, in bursts of up to `turns`."""
+
+    turns: int
+    period_s: int
+
+    @property
+    def params(self) -> dict:
+        return {"interval": timedelta(seconds=self.period_s / self.turns), "period": timedelta(seconds=self.period_s)}
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,23 @@ LATEST_WINDOW = """
 SELECT role, content, tool_calls FROM message
 WHERE conversation_id = %(conversation_id)s
 ORDER BY id DESC LIMIT %(limit)s
+"""
+
+# GCRA: admit the turn when moving the theoretical arrival time one emission
+# interval later keeps it within one period of now; the row lock serialises a
+# user's concurrent turns on every instance. No row returned: limited.
+TAKE_TURN = """
+INSERT INTO chat_rate_limit AS state (user_id, tat)
+VALUES (%(user_id)s, now() + %(interval)s)
+ON CONFLICT (user_id) DO UPDATE
+SET tat = greatest(state.tat, now()) + %(interval)s
+WHERE greatest(state.tat, now()) + %(interval)s <= now() + %(period)s
+RETURNING tat
+"""
+
+RETRY_AFTER = """
+SELECT greatest(1, ceil(extract(epoch FROM greatest(tat, now()) + %(interval)s - now() - %(period)s)))::int
+FROM chat_rate_limit WHERE user_id = %(user_id)s
 """
 
 CLAIM_KEY = """
@@ -240,8 +275,13 @@ def _window(rows) -> list[HistoryMessage]:
 
 
 def begin_turn(engine: Engine, user_id: str, message: str, conversation_id: uuid.UUID | None,
-               claim: IdempotencyClaim | None, history_limit: int) -> PendingTurn | Replay:
-    """Transaction 1 of a turn: store the user message and read the window."""
+               claim: IdempotencyClaim | None, history_limit: int,
+               rate_limit: RateLimit | None = None) -> PendingTurn | Replay:
+    """Transaction 1 of a turn: store the user message and read the window.
+
+    A replay or the resumption of a stored message does not count against the
+    rate limit; a new message does, and over the limit nothing is stored (429).
+    """
     key = claim.key if claim else None
     params = {"user_id": user_id, "content": message, "conversation_id": conversation_id, "key": key,
               "title": message[:TITLE_PREVIEW_CHARS], "limit": history_limit}
@@ -250,6 +290,8 @@ def begin_turn(engine: Engine, user_id: str, message: str, conversation_id: uuid
             outcome = _claim_key(connection, user_id, claim, history_limit)
             if outcome is not None:
                 return outcome
+        if rate_limit is not None:
+            _take_turn(connection, user_id, rate_limit)
         stored = connection.cursor()
         window = connection.cursor()
         if conversation_id is None:
@@ -267,6 +309,16 @@ def begin_turn(engine: Engine, user_id: str, message: str, conversation_id: uuid
             connection.commit()
     conversation_id, user_message_id, turn = row
     return PendingTurn(conversation_id, user_message_id, turn, history, key)
+
+
+def _take_turn(connection, user_id: str, rate_limit: RateLimit) -> None:
+    params = {"user_id": user_id, **rate_limit.params}
+    taken = connection.cursor()
+    taken.execute(TAKE_TURN, params)
+    if taken.fetchone() is None:
+        retry_after = connection.cursor()
+        retry_after.execute(RETRY_AFTER, params)
+        raise RateLimited(retry_after.fetchone()[0])
 
 
 def _claim_key(connection, user_id: str, claim: IdempotencyClaim, history_limit: int) -> PendingTurn | Replay | None:

@@ -115,4 +115,14 @@ class IdempotencyKey(db.Model):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key")
+class ChatRateLimit(db.Model):
+    """A user's chat rate state: the GCRA theoretical arrival time."""
+
+    __tablename__ = "chat_rate_limit"
+    __table_args__ = (CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),)
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit")

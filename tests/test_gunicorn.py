@@ -24,7 +24,7 @@ def test_task_round_trip_over_http(app_url):
         assert requests.delete(f"{base}/{task['id']}", headers=user.headers, timeout=10).status_code == 204
         assert requests.get(base, headers=user.headers, timeout=10).json() == []
         assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
-        assert eventually_logged(server, f'"POST /api/{user.id}/tasks" 201')
+        assert eventually_logged(server, f'"path": "/api/{user.id}/tasks", "status": 201')
         assert user.token not in server.output()
 
 

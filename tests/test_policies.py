@@ -9,7 +9,7 @@ import pytest
 from conftest import connect
 from psycopg import errors
 
-TABLES = ("conversation", "message", "task", "idempotency_key")
+TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit")
 
 
 def seed(url: str, user_id: str) -> dict:
@@ -24,6 +24,7 @@ def seed(url: str, user_id: str) -> dict:
                                (user_id,)).fetchone()[0]
         conn.execute("insert into idempotency_key (user_id, key, request_hash, status) values (%s, 'k', 'h', 'done')",
                      (user_id,))
+        conn.execute("insert into chat_rate_limit (user_id, tat) values (%s, now())", (user_id,))
     return {"conversation": conversation_id, "message": message_id, "task": task_id}
 
 
@@ -62,7 +63,7 @@ def test_unset_user_sees_nothing(app_url, two_users, table):
 
 def test_empty_user_setting_sees_nothing(app_url, two_users):
     with connect(app_url, "") as conn:
-        assert [count_rows(conn, table) for table in TABLES] == [0, 0, 0, 0]
+        assert [count_rows(conn, table) for table in TABLES] == [0] * len(TABLES)
 
 
 def test_unset_user_cannot_insert(app_url):
@@ -137,7 +138,7 @@ def test_a_user_message_is_answered_at_most_once(app_url, two_users):
 def test_table_owner_is_bound_too(owner_url, two_users):
     a, _, b, _ = two_users
     with connect(owner_url) as conn:
-        assert [count_rows(conn, table) for table in TABLES] == [0, 0, 0, 0]
+        assert [count_rows(conn, table) for table in TABLES] == [0] * len(TABLES)
     with connect(owner_url, a) as conn:
         assert {row[0] for row in conn.execute("select user_id from task")} == {a}
 

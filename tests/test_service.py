@@ -84,6 +84,9 @@ def test_mint_token_needs_the_secret(app_url):
     ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TIMEOUT_S": "-1"}, "ASSISTANT_TIMEOUT_S"),
     ({"DATABASE_URL": "postgresql://h/db", "DATABASE_PREPARED_STATEMENTS": "maybe"}, "DATABASE_PREPARED_STATEMENTS"),
     ({"DATABASE_URL": "postgresql://h/db", "BETTER_AUTH_JWKS_URL": "not a url"}, "BETTER_AUTH_JWKS_URL"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "lots"}, "CHAT_RATE_LIMIT"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "0/minute"}, "CHAT_RATE_LIMIT"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "5/fortnight"}, "CHAT_RATE_LIMIT"),
 ])
 def test_bad_settings_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as raised:

@@ -1,0 +1,134 @@
+"""JSON logs with request ids, nothing secret in them, and Prometheus metrics
+that stay correct across several gunicorn workers."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import requests
+from conftest import gunicorn, make_user
+
+SECRET_MESSAGE = "my bank password is hunter2-7c1e"
+
+
+@pytest.fixture(scope="module")
+def server(app_url):
+    with gunicorn(app_url, workers=2, threads=4) as server:
+        yield server
+
+
+def json_lines(server) -> list[dict]:
+    lines = []
+    for line in server.output().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def wait_for_log(server, predicate, timeout_s=10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in json_lines(server):
+            if predicate(entry):
+                return entry
+        time.sleep(0.05)
+    raise AssertionError("no matching log line in:\n" + server.output()[-3000:])
+
+
+def test_every_log_line_is_json(server):
+    requests.get(f"{server.url}/healthz", timeout=10)
+    wait_for_log(server, lambda e: e.get("path") == "/healthz")
+    lines = [line for line in server.output().splitlines() if line.strip()]
+    assert lines and all(json.loads(line) for line in lines)
+
+
+def test_a_valid_incoming_request_id_is_kept_and_logged(server):
+    user = make_user()
+    response = requests.get(f"{server.url}/api/{user.id}/tasks",
+                            headers={**user.headers, "X-Request-ID": "trace-42.abc"}, timeout=10)
+    assert response.headers["X-Request-ID"] == "trace-42.abc"
+    entry = wait_for_log(server, lambda e: e.get("request_id") == "trace-42.abc")
+    assert entry["route"] == "/api/<user_id>/tasks" and entry["status"] == 200 and entry["method"] == "GET"
+    assert entry["user_id"] == user.id and entry["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize("incoming", ["", "has spaces", "x" * 200, "<script>", "-leading-dash"])
+def test_an_invalid_request_id_is_replaced(server, incoming):
+    response = requests.get(f"{server.url}/healthz", headers={"X-Request-ID": incoming}, timeout=10)
+    echoed = response.headers["X-Request-ID"]
+    assert echoed != incoming and re.fullmatch(r"[0-9a-f]{32}", echoed)
+
+
+def test_tokens_and_message_contents_stay_out_of_the_logs(server):
+    user = make_user()
+    answer = requests.post(f"{server.url}/api/{user.id}/chat", json={"message": SECRET_MESSAGE},
+                           headers=user.headers, timeout=30)
+    assert answer.status_code == 200
+    requests.get(f"{server.url}/api/{user.id}/tasks?token={user.token}", headers=user.headers, timeout=10)
+    requests.get(f"{server.url}/api/{user.id}/tasks", headers={"Authorization": "Bearer forged.token.value"},
+                 timeout=10)
+    wait_for_log(server, lambda e: e.get("status") == 401 and e.get("path") == f"/api/{user.id}/tasks")
+    output = server.output()
+    assert user.token not in output and "forged.token.value" not in output
+    assert "hunter2" not in output
+    assert "test-secret-for-hs256" not in output
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(sample_labels.get(key) == value for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def scrape(server) -> str:
+    response = requests.get(f"{server.url}/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    return response.text
+
+
+def test_metrics_count_requests_over_every_worker(server):
+    user = make_user()
+    before = scrape(server)
+    route = "/api/<user_id>/tasks"
+    for _ in range(20):
+        assert requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=10).status_code == 200
+    for _ in range(3):
+        requests.get(f"{server.url}/api/{user.id}/tasks", timeout=10)
+    after = scrape(server)
+    ok = metric_value(after, "http_requests_total", route=route, status="200", method="GET") - \
+        metric_value(before, "http_requests_total", route=route, status="200", method="GET")
+    unauthorized = metric_value(after, "http_requests_total", route=route, status="401") - \
+        metric_value(before, "http_requests_total", route=route, status="401")
+    assert (ok, unauthorized) == (20, 3)
+    observed = metric_value(after, "http_request_duration_seconds_count", route=route, method="GET") - \
+        metric_value(before, "http_request_duration_seconds_count", route=route, method="GET")
+    assert observed == 23
+
+
+def test_metrics_time_the_assistant_and_show_the_pool(server):
+    user = make_user()
+    before = scrape(server)
+    for n in range(4):
+        assert requests.post(f"{server.url}/api/{user.id}/chat", json={"message": f"m{n}"}, headers=user.headers,
+                             timeout=30).status_code == 200
+    after = scrape(server)
+    turns = metric_value(after, "assistant_duration_seconds_count", backend="builtin", outcome="ok") - \
+        metric_value(before, "assistant_duration_seconds_count", backend="builtin", outcome="ok")
+    assert turns == 4
+    assert "db_pool_connections_in_use" in after
+    assert metric_value(after, "db_pool_connections_in_use") >= 0
+
+
+def test_route_labels_do_not_carry_user_ids(server):
+    user = make_user()
+    requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=10)
+    requests.get(f"{server.url}/no/such/{user.id}", timeout=10)
+    assert user.id not in scrape(server)
