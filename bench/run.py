@@ -49,6 +49,7 @@ SEED_MESSAGES = 10
 HISTORY_CONVERSATIONS = 4
 LONG_HISTORY = 10_000
 SLOW_CLIENTS = 200
+PHASES = set(os.environ.get("BENCH_PHASES", "ceiling,app,history,rls,slow").split(","))
 SLOW_ASSISTANT_S = 1.0
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
 RESULTS = ROOT / "bench" / "results"
@@ -306,6 +307,33 @@ def plot(app_runs: list[dict], ceiling_tps: float, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def runs_of(results: dict) -> list[dict]:
+    return [*results.get("app", []), *results.get("history", {}).values(), *results.get("rls", {}).values(),
+            *([results["slow"]] if "slow" in results else [])]
+
+
+def summarize(results: dict) -> dict:
+    """The figures the issue asks for, from the phases that ran."""
+    summary = {}
+    if "ceiling" in results:
+        summary["ceiling_tps"] = round(max(results["ceiling"].values()), 1)
+    if "app" in results:
+        best = max(results["app"], key=lambda run: run["per_s"])
+        summary["app_turns_per_s"] = round(best["per_s"], 1)
+        if "ceiling_tps" in summary:
+            summary["ceiling_ratio"] = round(best["per_s"] / summary["ceiling_tps"], 3)
+    if "history" in results:
+        history = results["history"]
+        summary["history_p50_ratio"] = round(history["long"]["p50_ms"] / history["short"]["p50_ms"], 3)
+    if "slow" in results:
+        summary["slow_turns_per_s"] = round(results["slow"]["per_s"], 1)
+        summary["slow_p99_ms"] = round(results["slow"]["p99_ms"], 1)
+        summary["slow_max_db_connections"] = results["slow"]["max_db_connections"]
+    if "rls" in results:
+        summary["rls_overhead_ratio"] = round(results["rls"]["with"]["per_s"] / results["rls"]["without"]["per_s"], 3)
+    return summary
+
+
 def main() -> int:
     for tool in ("wrk",):
         if not shutil.which(tool):
@@ -329,57 +357,54 @@ def main() -> int:
         histories = seed(cluster.url(SUPERUSER, "chat"))
         seed(cluster.url(SUPERUSER, NORLS_DATABASE))
 
-        log("phase 1: ceiling (pgbench)")
-        ceiling = {c: pgbench(cluster, work, c) for c in (16, 64)}
-        for clients, tps in ceiling.items():
-            log(f"ceiling: c={clients} {tps:.0f} turns/s")
-        results["ceiling"] = ceiling
-        ceiling_tps = max(ceiling.values())
+        if "ceiling" in PHASES:
+            log("phase 1: ceiling (pgbench)")
+            ceiling = {c: pgbench(cluster, work, c) for c in (16, 64)}
+            for clients, tps in ceiling.items():
+                log(f"ceiling: c={clients} {tps:.0f} turns/s")
+            results["ceiling"] = ceiling
 
         targets = all_targets()
-        with gunicorn(cluster.url(APP_ROLE), work, "app") as url:
-            log("phase 2: app (wrk, builtin assistant)")
-            wrk(url, work, "warmup", targets, 16, seconds=min(SECONDS, 5))
-            app_runs = [wrk(url, work, f"app-c{c}", targets, c) for c in CONCURRENCIES]
-            log("phase 3: history growth")
-            history = {kind: wrk(url, work, f"history-{kind}", histories[kind], 4) for kind in ("short", "long")}
-        results["app"] = app_runs
-        results["history"] = history
-        best = max(app_runs, key=lambda run: run["per_s"])
+        if PHASES & {"app", "history", "rls"}:
+            with gunicorn(cluster.url(APP_ROLE), work, "app") as url:
+                wrk(url, work, "warmup", targets, 16, seconds=min(SECONDS, 5))
+                if PHASES & {"app", "rls"}:
+                    log("phase 2: app (wrk, builtin assistant)")
+                    results["app"] = [wrk(url, work, f"app-c{c}", targets, c) for c in CONCURRENCIES]
+                if "history" in PHASES:
+                    log("phase 3: history growth")
+                    results["history"] = {kind: wrk(url, work, f"history-{kind}", histories[kind], 4)
+                                          for kind in ("short", "long")}
 
-        log("phase 5: RLS overhead (same load, policies admitting every row)")
-        with gunicorn(cluster.url(APP_ROLE), work, "rls-again") as url:
-            wrk(url, work, "warmup-rls", targets, 16, seconds=min(SECONDS, 5))
-            with_rls = wrk(url, work, "with-rls", targets, best["connections"])
-        with gunicorn(cluster.url(APP_ROLE, NORLS_DATABASE), work, "no-rls") as url:
-            wrk(url, work, "warmup-norls", targets, 16, seconds=min(SECONDS, 5))
-            without_rls = wrk(url, work, "without-rls", targets, best["connections"])
-        results["rls"] = {"with": with_rls, "without": without_rls}
+        if "rls" in PHASES:
+            best = max(results["app"], key=lambda run: run["per_s"])
+            log("phase 5: RLS overhead (same load, policies admitting every row)")
+            with gunicorn(cluster.url(APP_ROLE), work, "rls-again") as url:
+                wrk(url, work, "warmup-rls", targets, 16, seconds=min(SECONDS, 5))
+                with_rls = wrk(url, work, "with-rls", targets, best["connections"])
+            with gunicorn(cluster.url(APP_ROLE, NORLS_DATABASE), work, "no-rls") as url:
+                wrk(url, work, "warmup-norls", targets, 16, seconds=min(SECONDS, 5))
+                without_rls = wrk(url, work, "without-rls", targets, best["connections"])
+            results["rls"] = {"with": with_rls, "without": without_rls}
 
-        log("phase 4: slow assistant (1.0 s), 200 clients")
-        with FakeChatCompletions(delay_s=SLOW_ASSISTANT_S) as llm, \
-                gunicorn(cluster.url(APP_ROLE), work, "slow", ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
-                         ASSISTANT_MODEL="bench") as url, ConnectionWatcher(cluster.url(SUPERUSER, "chat")) as watcher:
-            slow = wrk(url, work, "slow", targets, SLOW_CLIENTS, seconds=max(SECONDS, 5))
-        slow["max_db_connections"] = watcher.max_open
-        slow["max_active_db_connections"] = watcher.max_active
-        results["slow"] = slow
+        if "slow" in PHASES:
+            log(f"phase 4: slow assistant ({SLOW_ASSISTANT_S:g} s), {SLOW_CLIENTS} clients")
+            with FakeChatCompletions(delay_s=SLOW_ASSISTANT_S) as llm, \
+                    gunicorn(cluster.url(APP_ROLE), work, "slow", ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                             ASSISTANT_MODEL="bench") as url, \
+                    ConnectionWatcher(cluster.url(SUPERUSER, "chat")) as watcher:
+                slow = wrk(url, work, "slow", targets, SLOW_CLIENTS, seconds=max(SECONDS, 5))
+            slow["max_db_connections"] = watcher.max_open
+            slow["max_active_db_connections"] = watcher.max_active
+            log(f"slow: most app-role connections open {watcher.max_open}, busy {watcher.max_active}")
+            results["slow"] = slow
 
-        summary = {
-            "ceiling_tps": round(ceiling_tps, 1),
-            "app_turns_per_s": round(best["per_s"], 1),
-            "ceiling_ratio": round(best["per_s"] / ceiling_tps, 3),
-            "history_p50_ratio": round(history["long"]["p50_ms"] / history["short"]["p50_ms"], 3),
-            "slow_turns_per_s": round(slow["per_s"], 1),
-            "slow_p99_ms": round(slow["p99_ms"], 1),
-            "slow_max_db_connections": slow["max_db_connections"],
-            "rls_overhead_ratio": round(with_rls["per_s"] / without_rls["per_s"], 3),
-        }
+        summary = summarize(results)
         results["summary"] = summary
-        plot(app_runs, ceiling_tps, RESULTS / "latency.png")
+        if "app" in results and "ceiling" in results:
+            plot(results["app"], max(results["ceiling"].values()), RESULTS / "latency.png")
         (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
-        errors = sum(run["non_2xx"] + run["socket_errors"] for run in
-                     [*app_runs, *history.values(), with_rls, without_rls, slow])
+        errors = sum(run["non_2xx"] + run["socket_errors"] for run in runs_of(results))
         print(f"\nbench: {SECONDS:g}s per phase on {results['machine']}; "
               f"failed requests: {errors}; results in bench/results/\n")
         for name, value in summary.items():

@@ -175,7 +175,11 @@ class FakeChatCompletions:
 
 
 class _Server(ThreadingHTTPServer):
-    """Handler threads are joined on close; a client hanging up is not an error."""
+    """Handler threads are joined on close; a client hanging up is not an error.
+    The listen backlog is deep enough for hundreds of clients connecting at once
+    (the default of 5 drops their SYNs, and each drop costs a second of retry)."""
+
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):
