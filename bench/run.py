@@ -128,33 +128,54 @@ def disable_policies(owner_url: str) -> None:
             conn.execute(f"ALTER POLICY {table}_isolation ON {table} USING (true) WITH CHECK (true)")
 
 
-PGBENCH_SCRIPT = r"""
-\set n random(1, {conversations})
-BEGIN;
-SELECT set_config('app.user_id', 'bench-' || (:n % {users}), true);
-UPDATE conversation SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
-  WHERE id = md5('conv-' || :n)::uuid AND user_id = 'bench-' || (:n % {users}) RETURNING turn_count \gset
-INSERT INTO message (conversation_id, user_id, role, content, turn)
-  VALUES (md5('conv-' || :n)::uuid, 'bench-' || (:n % {users}), 'user', 'bench turn', :turn_count) RETURNING id AS user_message_id \gset
-SELECT role, content, tool_calls FROM message
-  WHERE conversation_id = md5('conv-' || :n)::uuid AND id <= :user_message_id ORDER BY id DESC LIMIT 50;
-COMMIT;
-BEGIN;
-SELECT set_config('app.user_id', 'bench-' || (:n % {users}), true);
-UPDATE conversation SET message_count = message_count + 1, updated_at = now()
-  WHERE id = md5('conv-' || :n)::uuid AND user_id = 'bench-' || (:n % {users}) RETURNING id;
-INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to)
-  VALUES (md5('conv-' || :n)::uuid, 'bench-' || (:n % {users}), 'assistant', 'turn reply', '[]', :user_message_id) RETURNING id;
-COMMIT;
-"""
+def pgbench_script() -> str:
+    """The SQL of one chat turn, taken from conversations.py, with each bind
+    parameter replaced by an expression over pgbench's random conversation
+    number: two pipelined transactions, as the app sends them. pgbench cannot
+    carry a result into a pipeline, so the reply names its user message with
+    currval() of the message id sequence (this connection's last insert)."""
+    from chat_blueprint import conversations
+
+    values = {
+        "conversation_id": "md5('conv-' || :n)::uuid",
+        "user_id": "('bench-' || :u)",
+        "content": "'bench turn'",
+        "title": "'bench'",
+        "key": "NULL::text",
+        "limit": "50",
+        "tool_calls": "'[]'::jsonb",
+        "reply_to": "currval(pg_get_serial_sequence('message', 'id'))",
+        "response": "'{\"assistant_message_id\": null}'::jsonb",
+    }
+
+    def statement(sql: str) -> str:
+        for name, value in values.items():
+            sql = sql.replace(f"%({name})s", value)
+        return " ".join(sql.split())
+
+    bind = "SELECT set_config('app.user_id', 'bench-' || :u, true);"
+    store = statement(conversations.STORE_IN_CONVERSATION)
+    return "\n".join([
+        f"\\set n random(1, {CONVERSATIONS})",
+        f"\\set u :n % {USERS}",
+        "\\startpipeline",
+        "BEGIN;", bind, store + ";", statement(conversations.LATEST_WINDOW) + ";", "COMMIT;",
+        "\\endpipeline",
+        "\\startpipeline",
+        "BEGIN;", bind, statement(conversations.STORE_REPLY) + ";", "COMMIT;",
+        "\\endpipeline",
+    ]) + "\n"
 
 
 def pgbench(cluster: Cluster, work: Path, clients: int) -> float:
     script = work / "chat_turn.sql"
-    script.write_text(PGBENCH_SCRIPT.format(conversations=CONVERSATIONS, users=USERS))
+    script.write_text(pgbench_script())
     command = [str(cluster.bindir / "pgbench"), "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
                "-j", str(min(clients, 2)), "-T", str(max(1, round(SECONDS))), cluster.url(APP_ROLE)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"pgbench failed:\n{finished.stdout}\n{finished.stderr}")
+    output = finished.stdout
     match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", output)
     if not match:
         raise RuntimeError("pgbench printed no tps:\n" + output)
@@ -352,6 +373,9 @@ def main() -> int:
             conn.execute(f"CREATE DATABASE {NORLS_DATABASE} OWNER {OWNER_ROLE}")
         for database in ("chat", NORLS_DATABASE):
             migrate(cluster.url(OWNER_ROLE, database))
+            with psycopg.connect(cluster.url(OWNER_ROLE, database), autocommit=True) as conn:
+                # Bench only: pgbench reads currval() of the message ids (see pgbench_script).
+                conn.execute(f"GRANT SELECT ON SEQUENCE message_id_seq TO {APP_ROLE}")
         disable_policies(cluster.url(OWNER_ROLE, NORLS_DATABASE))
         log("seeding")
         histories = seed(cluster.url(SUPERUSER, "chat"))
