@@ -37,9 +37,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fake_llm import FakeChatCompletions  # noqa: E402
+
 from chat_blueprint.auth import mint_token  # noqa: E402
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, Cluster, free_port  # noqa: E402
-from fake_llm import FakeChatCompletions  # noqa: E402
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "20"))
 CONCURRENCIES = [int(c) for c in os.environ.get("BENCH_CONCURRENCIES", "1,16,64").split(",")]

@@ -5,15 +5,15 @@ import logging
 import time
 import uuid
 
-from flask import current_app, g, request
 import psycopg
+from flask import current_app, g, request
 
 from . import conversations
 from .assistants import AssistantError, AssistantTimeout
 from .errors import ApiError
 from .extensions import db
-from .observability import observe_assistant
 from .http import json_body, query_args, user_blueprint
+from .observability import observe_assistant
 from .schemas import (
     ChatRequestSchema,
     ConversationPageSchema,

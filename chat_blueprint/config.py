@@ -42,7 +42,8 @@ class Settings:
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
         if not self.auth_secret and not self.jwks_url:
-            raise ConfigError("BETTER_AUTH_SECRET is not set (required to verify tokens unless BETTER_AUTH_JWKS_URL is set)")
+            raise ConfigError(
+                "BETTER_AUTH_SECRET is not set (required to verify tokens unless BETTER_AUTH_JWKS_URL is set)")
 
     def require_secret(self) -> None:
         if not self.auth_secret:

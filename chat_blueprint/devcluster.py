@@ -50,7 +50,8 @@ def find_bindir(install: bool = True) -> Path:
     if candidates:
         return max(candidates)[1]
     if install and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("PostgreSQL server binaries are missing; installing the distribution's postgresql package", file=sys.stderr)
+        print("PostgreSQL server binaries are missing; installing the distribution's postgresql package",
+              file=sys.stderr)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
         subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"], check=True, env=env,
@@ -128,7 +129,8 @@ class Cluster:
         self.root.chmod(0o755)
         self.datadir.mkdir(mode=0o700, exist_ok=True)
         self._give_to_server_user(self.datadir)
-        if self.os_user and subprocess.run(["runuser", "-u", self.os_user, "--", "test", "-w", str(self.datadir)]).returncode:
+        reachable = ["runuser", "-u", self.os_user or "", "--", "test", "-w", str(self.datadir)]
+        if self.os_user and subprocess.run(reachable).returncode:
             raise ClusterError(f"the {self.os_user} OS user cannot reach {self.datadir}: make its parent directories "
                                "traversable (chmod o+x) or point DEV_DATA_DIR elsewhere")
         pwfile = self.root / "initdb.pw"

@@ -7,8 +7,8 @@ start with the database down.
 from __future__ import annotations
 
 import logging
+
 from flask import current_app
-from sqlalchemy import text
 
 from .errors import ApiError
 from .models import ISOLATED_TABLES

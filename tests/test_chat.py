@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from conftest import built_app, connect
 
-from chat_blueprint.assistants import AssistantError, AssistantTimeout, Reply
+from chat_blueprint.assistants import AssistantError, AssistantTimeout
 from chat_blueprint.assistants.builtin import BuiltinAssistant
 
 

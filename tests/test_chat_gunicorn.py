@@ -46,7 +46,8 @@ def test_simultaneous_posts_to_one_conversation_lose_nothing(two_instances, app_
 
     with ThreadPoolExecutor(SIMULTANEOUS) as pool:
         responses = list(pool.map(post, range(SIMULTANEOUS)))
-    assert [r.status_code for r in responses] == [200] * SIMULTANEOUS, [r.text for r in responses if r.status_code != 200]
+    failures = [r.text for r in responses if r.status_code != 200]
+    assert [r.status_code for r in responses] == [200] * SIMULTANEOUS, failures
     answers = [r.json() for r in responses]
 
     with connect(app_url, user.id) as conn:
