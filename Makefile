@@ -48,3 +48,13 @@ bench: install postgres
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; } || { echo "wrk not found: install the distribution's wrk package"; exit 1; }
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/run.py
+
+# Fuzzing from the OpenAPI document with many more cases than `make test`
+# runs: FUZZ_EXAMPLES per operation and generation mode, on a fresh seed each
+# time unless FUZZ_SEED is given (the summary line prints it).
+FUZZ_EXAMPLES ?= 100
+FUZZ_SEED ?= $(shell date +%s)
+
+fuzz: install postgres
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) FUZZ_MIN_CASES=1000 \
+		$(PY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)

@@ -67,8 +67,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _os_user() -> str | None:
-    """Who runs the server: ourselves, or `postgres` when we are root."""
+def server_os_user() -> str | None:
+    """Who runs PostgreSQL (and, in tests, its neighbours): ourselves, or `postgres` when we are root."""
     if os.geteuid() != 0:
         return None
     try:
@@ -99,7 +99,7 @@ class Cluster:
     def __post_init__(self):
         self.root = Path(self.root).resolve()
         self.bindir = find_bindir()
-        self.os_user = _os_user()
+        self.os_user = server_os_user()
 
     def _run(self, *args, check=True, **kwargs):
         command = [str(self.bindir / args[0]), *map(str, args[1:])]

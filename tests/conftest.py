@@ -24,26 +24,40 @@ import requests
 
 from chat_blueprint import create_app
 from chat_blueprint.auth import mint_token
-from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, Cluster, free_port, migrate
+from chat_blueprint.devcluster import (
+    APP_ROLE,
+    OWNER_ROLE,
+    SUPERUSER,
+    Cluster,
+    free_port,
+    migrate,
+)
 from chat_blueprint.extensions import db
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-hs256-signing-that-is-long-enough-for-hs512-too-0123456789"
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    root = Path(tempfile.mkdtemp(prefix="chat-test-pg-"))
+@contextmanager
+def throwaway_cluster(prefix: str = "chat-test-pg-"):
+    """A fresh cluster, migrated as the owner with `flask db upgrade`; removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     cluster = Cluster(root, free_port())
-    cluster.start()
     try:
+        cluster.start()
         cluster.bootstrap()
         migrate(cluster, {**os.environ, "BETTER_AUTH_SECRET": SECRET})
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +193,32 @@ def _wait_for(server: Server, timeout_s: float = 30.0) -> None:
         try:
             if requests.get(server.url + "/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(0.1)
     raise AssertionError(f"gunicorn did not answer within {timeout_s}s:\n{server.output()}")
+
+
+def assert_burst_stored(app_url: str, user: User, conversation_id: str, answers: list[dict], burst: int) -> None:
+    """After a first turn ("start") and `burst` simultaneous ones ("burst N") on one
+    conversation: every message is stored once, turns are numbered 1..burst+1,
+    each reply answers a distinct, earlier question of that conversation, and
+    each answer names the turn its question got."""
+    with connect(app_url, user.id) as conn:
+        rows = conn.execute("select id, role, content, reply_to, turn from message where conversation_id = %s"
+                            " order by id", (conversation_id,)).fetchall()
+        message_count = conn.execute("select message_count from conversation where id = %s",
+                                     (conversation_id,)).fetchone()[0]
+    questions = {row[0]: row for row in rows if row[1] == "user"}
+    replies = [row for row in rows if row[1] == "assistant"]
+    assert len(rows) == message_count == 2 * (burst + 1)
+    assert sorted(row[2] for row in questions.values()) == sorted(["start"] + [f"burst {n}" for n in range(burst)])
+    assert sorted(row[4] for row in questions.values()) == list(range(1, burst + 2))
+    answered = [row[3] for row in replies]
+    assert len(set(answered)) == len(answered) == burst + 1
+    assert all(row[3] in questions and row[3] < row[0] for row in replies)
+    by_id = {row[0]: row for row in rows}
+    for answer in answers:
+        assert by_id[answer["assistant_message_id"]][3] == answer["user_message_id"]
+        assert answer["response"].startswith(f"turn {by_id[answer['user_message_id']][4]}:")
+    assert sorted(by_id[a["user_message_id"]][4] for a in answers) == list(range(2, burst + 2))

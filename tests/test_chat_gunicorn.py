@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import connect, gunicorn, make_user
+from conftest import assert_burst_stored, gunicorn, make_user
 
 SIMULTANEOUS = 24
 
@@ -48,24 +48,7 @@ def test_simultaneous_posts_to_one_conversation_lose_nothing(two_instances, app_
         responses = list(pool.map(post, range(SIMULTANEOUS)))
     failures = [r.text for r in responses if r.status_code != 200]
     assert [r.status_code for r in responses] == [200] * SIMULTANEOUS, failures
-    answers = [r.json() for r in responses]
-
-    with connect(app_url, user.id) as conn:
-        rows = conn.execute("select id, role, content, reply_to, turn from message where conversation_id = %s"
-                            " order by id", (conversation_id,)).fetchall()
-        message_count = conn.execute("select message_count from conversation where id = %s",
-                                     (conversation_id,)).fetchone()[0]
-    users = {row[0]: row for row in rows if row[1] == "user"}
-    assistants = [row for row in rows if row[1] == "assistant"]
-    assert len(rows) == message_count == 2 * (SIMULTANEOUS + 1)
-    assert sorted(row[2] for row in users.values()) == sorted(["start"] + [f"burst {n}" for n in range(SIMULTANEOUS)])
-    assert sorted(row[4] for row in users.values()) == list(range(1, SIMULTANEOUS + 2))
-    replied = [row[3] for row in assistants]
-    assert len(set(replied)) == len(replied) == SIMULTANEOUS + 1
-    assert all(row[3] in users and row[3] < row[0] for row in assistants)
-    assert {a["user_message_id"] for a in answers} == {users[r][0] for r in users if users[r][2] != "start"}
-    turns = sorted(int(a["response"].split(":")[0].removeprefix("turn ")) for a in answers)
-    assert turns == list(range(2, SIMULTANEOUS + 2))
+    assert_burst_stored(app_url, user, conversation_id, [r.json() for r in responses], SIMULTANEOUS)
 
 
 def test_users_stay_isolated_across_instances(two_instances):
