@@ -189,6 +189,7 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as the openai client's pool expects
+        disable_nagle_algorithm = True  # headers and body go out at once, no delayed-ACK stall
 
         def setup(self):
             super().setup()

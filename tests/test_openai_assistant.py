@@ -11,11 +11,11 @@ import time
 import traceback
 
 import pytest
+from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
 from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
 from chat_blueprint.config import load_settings
-from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
 WINDOW = [

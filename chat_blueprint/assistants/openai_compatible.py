@@ -15,6 +15,13 @@ safe. The timeout applies to each phase (connect, send, wait for the
 answer); a non-streamed completion arrives in one piece at the end, so the
 wait for the answer is what it bounds in practice.
 
+The request goes through the client's documented `post()` for custom
+requests rather than `chat.completions.create()`: the latter walks every
+message through its typed-parameter transform, which cost about 7 ms of CPU
+per call with a 20-message window against about 1 ms for `post()` (the slow
+assistant benchmark is CPU-bound on exactly that). Authentication, timeouts,
+error classes and the parsed `ChatCompletion` are the same.
+
 The API key is sent as the bearer token and nowhere else: error messages
 are composed here from the status code and a short error code, never from
 the upstream body (which may echo the key), and the original exception is
@@ -27,6 +34,7 @@ import re
 from typing import Sequence
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
 
@@ -64,7 +72,11 @@ class OpenAICompatibleAssistant:
     def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
         """One Chat Completions call for the window; `turn` is not needed by the model."""
         try:
-            completion = self._client.chat.completions.create(model=self.model, messages=self.messages(history))
+            completion = self._client.post(
+                "/chat/completions",
+                cast_to=ChatCompletion,
+                body={"model": self.model, "messages": self.messages(history)},
+            )
         except openai.APITimeoutError:
             raise AssistantTimeout("the assistant backend did not answer in time") from None
         except openai.APIStatusError as exc:
