@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,7 @@ import psycopg
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from fake_llm import FakeChatCompletions  # noqa: E402
 
 from chat_blueprint.auth import mint_token  # noqa: E402
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, Cluster, free_port  # noqa: E402
@@ -271,6 +270,28 @@ def gunicorn(database_url: str, work: Path, name: str, **env):
             process.wait()
 
 
+@contextmanager
+def slow_upstream(delay_s: float):
+    """bench/slow_upstream.py in its own process; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "slow_upstream.py"), "--port", str(port),
+                                "--delay", str(delay_s)])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the slow upstream did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait()
+
+
 class ConnectionWatcher:
     """Samples the app role's connections in pg_stat_activity every 100 ms."""
 
@@ -414,8 +435,8 @@ def main() -> int:
 
         if "slow" in PHASES:
             log(f"phase 4: slow assistant ({SLOW_ASSISTANT_S:g} s), {SLOW_CLIENTS} clients")
-            with FakeChatCompletions(delay_s=SLOW_ASSISTANT_S) as llm, \
-                    gunicorn(cluster.url(APP_ROLE), work, "slow", ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+            with slow_upstream(SLOW_ASSISTANT_S) as base_url, \
+                    gunicorn(cluster.url(APP_ROLE), work, "slow", ASSISTANT="openai", ASSISTANT_BASE_URL=base_url,
                              ASSISTANT_MODEL="bench") as url, \
                     ConnectionWatcher(cluster.url(SUPERUSER, "chat")) as watcher:
                 slow = wrk(url, work, "slow", targets, SLOW_CLIENTS, seconds=max(SECONDS, 5))
