@@ -18,6 +18,10 @@ HMAC_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = ["EdDSA", "ES256", "RS256"]
 MAX_TOKEN_BYTES = 8192
 LEEWAY_S = 5
+JWKS_LIFESPAN_S = 300
+JWKS_COOLDOWN_S = 30
+JWKS_RETRY_S = 5
+JWKS_TIMEOUT_S = 5
 
 
 class Unauthorized(ApiError):
@@ -30,14 +34,44 @@ class Forbidden(ApiError):
         super().__init__(403, "forbidden", message)
 
 
+class JwksClient(jwt.PyJWKClient):
+    """The keys of the configured JWKS, which no token can make us fetch often.
+
+    The key set is cached for `lifespan_s`. A `kid` missing from it forces a
+    refetch at most once per `cooldown_s` (PyJWKClient's cooldown), so a
+    flood of made-up kids costs no fetch per request. A failed fetch is not
+    retried for `retry_s`: while the endpoint is down or answers garbage,
+    requests fail fast instead of each queueing on the client's lock for a
+    fetch. There is no per-kid cache without expiry: a key removed from the
+    JWKS stops verifying once the cached set expires.
+    """
+
+    def __init__(self, url: str, *, lifespan_s=JWKS_LIFESPAN_S, cooldown_s=JWKS_COOLDOWN_S, retry_s=JWKS_RETRY_S):
+        super().__init__(url, cache_keys=False, cache_jwk_set=True, lifespan=lifespan_s, timeout=JWKS_TIMEOUT_S,
+                         cooldown_duration=cooldown_s)
+        self.retry_s = retry_s
+        self._retry_at = 0.0
+
+    def fetch_data(self):
+        if time.monotonic() < self._retry_at:
+            raise jwt.PyJWKClientConnectionError("the last fetch failed; not retrying yet")
+        try:
+            return super().fetch_data()
+        except (jwt.PyJWTError, ValueError) as exc:
+            self._retry_at = time.monotonic() + self.retry_s
+            if isinstance(exc, ValueError):
+                raise jwt.PyJWKClientConnectionError("the JWKS endpoint did not answer JSON") from None
+            raise
+
+
 class TokenVerifier:
     """Verifies Better Auth JWTs with the configured secret and/or JWKS."""
 
-    def __init__(self, secret=None, jwks_url=None, issuer=None, audience=None):
+    def __init__(self, secret=None, jwks_url=None, issuer=None, audience=None, jwks: JwksClient | None = None):
         self.secret = secret
         self.issuer = issuer
         self.audience = audience
-        self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5) if jwks_url else None
+        self.jwks = jwks if jwks is not None else (JwksClient(jwks_url) if jwks_url else None)
 
     @classmethod
     def from_settings(cls, settings):
@@ -54,7 +88,10 @@ class TokenVerifier:
         if algorithm in HMAC_ALGORITHMS and self.secret:
             key, algorithms = self.secret, HMAC_ALGORITHMS
         elif algorithm in JWKS_ALGORITHMS and self.jwks is not None:
-            key, algorithms = self._jwks_key(token), JWKS_ALGORITHMS
+            signing_key = self._jwks_key(token)
+            if signing_key.algorithm_name != algorithm:
+                raise Unauthorized("the token's algorithm does not match its signing key")
+            key, algorithms = signing_key.key, [algorithm]
         else:
             raise Unauthorized("the token's algorithm is not accepted")
         try:
@@ -73,6 +110,9 @@ class TokenVerifier:
             raise Unauthorized("the token is not valid yet") from None
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"the token is invalid: {_reason(exc)}") from None
+        except (TypeError, ValueError):
+            # Fail closed on whatever else a crafted token makes the library trip over.
+            raise Unauthorized("the token is invalid: it could not be decoded") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
             raise Unauthorized("the token has no usable subject")
@@ -81,9 +121,9 @@ class TokenVerifier:
             raise Unauthorized("the token was issued in the future")
         return subject
 
-    def _jwks_key(self, token: str):
+    def _jwks_key(self, token: str) -> jwt.PyJWK:
         try:
-            return self.jwks.get_signing_key_from_jwt(token).key
+            return self.jwks.get_signing_key_from_jwt(token)
         except jwt.PyJWKClientConnectionError:
             raise Unauthorized("the signing keys could not be fetched") from None
         except jwt.PyJWTError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from flask import Blueprint, current_app, g, request
-from werkzeug.routing import BaseConverter, ValidationError as RoutingValidationError
+from werkzeug.routing import BaseConverter
 
 from . import tenancy
 from .auth import Forbidden
@@ -16,15 +16,15 @@ BIGINT_MAX = 2**63 - 1
 
 
 class BigIntConverter(BaseConverter):
-    """A positive integer that fits PostgreSQL's bigint; anything else is a 404."""
+    """An id of up to 19 digits. One outside PostgreSQL's bigint (0, or over
+    2**63 - 1) is answered 404 after authentication, by `_authenticate_path_user`:
+    a converter that rejects a value makes Werkzeug answer 405 to the other
+    methods of the same path instead."""
 
     regex = r"[0-9]{1,19}"
 
     def to_python(self, value: str) -> int:
-        number = int(value)
-        if number < 1 or number > BIGINT_MAX:
-            raise RoutingValidationError()
-        return number
+        return int(value)
 
     def to_url(self, value) -> str:
         return str(value)
@@ -49,9 +49,18 @@ def _authenticate_path_user():
     user_id = current_app.extensions["token_verifier"].user_id(request.headers.get("Authorization"))
     if user_id != g.path_user_id:
         raise Forbidden()
+    _require_ids_in_range(request.view_args or {})
     ensure_isolation()
     g.user_id = user_id
     g.tenancy_token = tenancy.bind_user(user_id)
+
+
+def _require_ids_in_range(view_args: dict) -> None:
+    """An integer id that no bigint column can hold names nothing: 404."""
+    for name, value in view_args.items():
+        if isinstance(value, int) and not 1 <= value <= BIGINT_MAX:
+            resource = name.removesuffix("_id")
+            raise ApiError(404, f"{resource}_not_found", f"no such {resource}")
 
 
 def _release_user(exc):

@@ -1,61 +1,113 @@
-"""The OpenAPI 3 document, generated from the marshmallow schemas."""
+"""The OpenAPI 3 document, generated from the marshmallow schemas.
+
+Each operation lists every status it can answer, with the headers that come
+with it; the fuzzing tests hold the running app to exactly this document.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import current_app, has_app_context
 
 from . import schemas
+from .http import BIGINT_MAX
 
-ERROR_STATUSES = {
-    "400": "the body is not valid JSON, or not a JSON object",
-    "401": "missing or invalid bearer token",
-    "403": "the token belongs to another user",
-    "404": "no such resource for this user",
-    "405": "method not allowed",
-    "409": "the first request with this Idempotency-Key is still running",
-    "413": "body over 1 MiB",
-    "415": "the body is not application/json",
-    "422": "a field fails validation",
-    "503": "the database is unavailable; see Retry-After",
+DEFAULT_MESSAGE_MAX_CHARS = 16_000
+
+
+def _header(description: str) -> dict:
+    return {"description": description, "required": True, "schema": {"type": "string"}}
+
+
+RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying")}
+ERRORS = {
+    "400": ("the body is not valid JSON, or not a JSON object", {}),
+    "401": ("missing, malformed, badly signed or expired bearer token",
+            {"WWW-Authenticate": _header("`Bearer realm=\"api\"`")}),
+    "403": ("the token belongs to another user than the one in the path", {}),
+    "404": ("no such resource for this user (another user's resource is indistinguishable from a missing one)", {}),
+    "409": ("the first request with this Idempotency-Key is still running", RETRY_AFTER),
+    "413": ("the body is over 1 MiB", {}),
+    "415": ("the body is not application/json", {}),
+    "422": ("a field fails validation; error.fields says which", {}),
+    "429": ("over the per-user chat rate limit (CHAT_RATE_LIMIT, off unless set)", RETRY_AFTER),
+    "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation", {}),
+    "503": ("the database is unavailable", RETRY_AFTER),
+    "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
 }
-USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+_HTML = {"text/html": {"schema": {"type": "string"}}}
+# Answered by the HTTP server (gunicorn) before the app sees the request, to any route.
+SERVER_LIMITS = {
+    "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)", "content": _HTML},
+    "431": {"description": "a header field is over the HTTP server's limit (8190 bytes)", "content": _HTML},
+}
+
+USER_ID = {"name": "user_id", "in": "path", "required": True,
+           "description": "the `sub` of the bearer token",
+           "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}}
 TASK_ID = {"name": "task_id", "in": "path", "required": True,
-           "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
+           "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True,
                    "schema": {"type": "string", "format": "uuid"}}
-IDEMPOTENCY_KEY = {"name": "Idempotency-Key", "in": "header", "required": False,
-                   "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+# An HTTP field value as the app reads it: printable Latin-1, no whitespace at either end.
+_KEY_EDGE = "[\\u0021-\\u007e\\u00a1-\\u00ac\\u00ae-\\u00ff]"
+_KEY_INNER = "[\\u0020-\\u007e\\u00a1-\\u00ac\\u00ae-\\u00ff]"
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "a repeat with the same key and body returns the first answer and stores nothing new",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255,
+               "pattern": f"^{_KEY_EDGE}({_KEY_INNER}*{_KEY_EDGE})?$"},
+}
 
-
-def _errors(*statuses: str) -> dict:
-    return {status: {"description": ERROR_STATUSES.get(status, "error"), "content": _json("Error")} for status in statuses}
+READ_ERRORS = ("401", "403", "404", "503")
+LIST_ERRORS = ("401", "403", "422", "503")
+BODY_ERRORS = ("400", "401", "403", "404", "413", "415", "422", "503")
 
 
 def _json(schema) -> dict:
     return {"application/json": {"schema": schema}}
 
 
-def _ok(status: str, description: str, schema=None) -> dict:
-    answer = {"description": description}
+def _errors(statuses) -> dict:
+    answers = {}
+    for status in statuses:
+        description, headers = ERRORS[status]
+        answers[status] = {"description": description, "content": _json("Error")}
+        if headers:
+            answers[status]["headers"] = headers
+    return answers
+
+
+def _links(pointer: str, parameter: str, *operation_ids: str) -> dict:
+    """Links from an answer to the operations that take the id it carries at `pointer`."""
+    return {operation_id: {"operationId": operation_id,
+                           "parameters": {"user_id": "$request.path.user_id", parameter: f"$response.body#{pointer}"}}
+            for operation_id in operation_ids}
+
+
+def _operation(operation_id, summary, status, description, schema=None, *, errors, body=None, query=None,
+               parameters=(), links=None):
+    ok = {"description": description}
     if schema is not None:
-        answer["content"] = _json(schema)
-    return {status: answer}
-
-
-def _operation(summary, ok, *, body=None, query=None, errors=("401", "403", "404", "503"), parameters=()):
-    operation = {"summary": summary, "security": [{"bearer": []}], "responses": {**ok, **_errors(*errors)}}
-    if parameters:
-        operation["parameters"] = list(parameters)
+        ok["content"] = _json(schema)
+    if links:
+        ok["links"] = links
+    operation = {
+        "operationId": operation_id,
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {status: ok, **_errors(sorted(errors)), **SERVER_LIMITS},
+    }
+    operation["parameters"] = list(parameters)
     if query is not None:
-        operation["parameters"] = operation.get("parameters", []) + [{"in": "query", "schema": query}]
+        operation["parameters"].append({"in": "query", "schema": query})
+    if not operation["parameters"]:
+        del operation["parameters"]
     if body is not None:
         operation["requestBody"] = {"required": True, "content": _json(body)}
     return operation
-
-
-BODY_ERRORS = ("400", "401", "403", "404", "413", "415", "422", "503")
 
 
 def _task_paths(spec: APISpec) -> None:
@@ -63,83 +115,101 @@ def _task_paths(spec: APISpec) -> None:
         path="/api/{user_id}/tasks",
         parameters=[USER_ID],
         operations={
-            "get": _operation("List tasks, newest first", _ok("200", "tasks", {"type": "array", "items": "Task"}),
-                              query=schemas.TaskListQuerySchema, errors=("401", "403", "422", "503")),
-            "post": _operation("Add a task", _ok("201", "the new task", "Task"), body=schemas.TaskCreateSchema,
-                               errors=BODY_ERRORS),
+            "get": _operation("listTasks", "List tasks, newest first", "200", "the tasks",
+                              {"type": "array", "items": "Task"}, query=schemas.TaskListQuerySchema,
+                              errors=LIST_ERRORS),
+            "post": _operation("addTask", "Add a task", "201", "the new task", "Task", body=schemas.TaskCreateSchema,
+                               errors=set(BODY_ERRORS) - {"404"},
+                               links=_links("/id", "task_id", "getTask", "updateTask", "toggleTask", "deleteTask")),
         },
     )
     spec.path(
         path="/api/{user_id}/tasks/{task_id}",
         parameters=[USER_ID, TASK_ID],
         operations={
-            "get": _operation("View a task", _ok("200", "the task", "Task")),
-            "put": _operation("Update a task's title and/or description", _ok("200", "the task", "Task"),
-                              body=schemas.TaskUpdateSchema, errors=BODY_ERRORS),
-            "delete": _operation("Delete a task", _ok("204", "deleted")),
+            "get": _operation("getTask", "View a task", "200", "the task", "Task", errors=READ_ERRORS),
+            "put": _operation("updateTask", "Update a task's title and/or description", "200", "the task", "Task",
+                              body="TaskUpdate", errors=BODY_ERRORS),
+            "delete": _operation("deleteTask", "Delete a task", "204", "deleted", errors=READ_ERRORS),
         },
     )
     spec.path(
         path="/api/{user_id}/tasks/{task_id}/complete",
         parameters=[USER_ID, TASK_ID],
-        operations={"patch": _operation("Toggle a task's completion", _ok("200", "the task", "Task"))},
+        operations={"patch": _operation("toggleTask", "Toggle a task's completion", "200", "the task", "Task",
+                                        errors=READ_ERRORS)},
     )
 
 
-def _service_paths(spec: APISpec) -> None:
-    status = {"type": "object", "properties": {"status": {"type": "string"}}}
-    spec.path(path="/healthz", operations={"get": {"summary": "Liveness", "responses": _ok("200", "up", status)}})
-    spec.path(path="/readyz", operations={"get": {
-        "summary": "Readiness: the database answers and isolation is in force",
-        "responses": {**_ok("200", "ready", status), **_errors("503")},
-    }})
-    spec.path(path="/api/openapi.json", operations={"get": {
-        "summary": "This document", "responses": _ok("200", "OpenAPI 3 document", {"type": "object"}),
-    }})
-
-
-def _chat_paths(spec: APISpec) -> None:
-    chat_errors = {**_errors(*BODY_ERRORS, "409"),
-                   "502": {"description": "the assistant failed; error.conversation_id names the conversation",
-                           "content": _json("Error")},
-                   "504": {"description": "the assistant timed out; error.conversation_id names the conversation",
-                           "content": _json("Error")}}
-    chat = _operation("One chat turn: store the message, ask the assistant with the stored history, store its reply",
-                      _ok("200", "the assistant's reply", "ChatResponse"), body=schemas.ChatRequestSchema,
-                      errors=(), parameters=[IDEMPOTENCY_KEY])
-    chat["responses"].update(chat_errors)
-    spec.path(path="/api/{user_id}/chat", parameters=[USER_ID], operations={"post": chat})
+def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
+    spec.path(path="/api/{user_id}/chat", parameters=[USER_ID], operations={"post": _operation(
+        "chat", "One chat turn: store the message, ask the assistant with the stored history, store its reply",
+        "200", "the assistant's reply", "ChatResponse",
+        body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
+        errors=(*BODY_ERRORS, "409", "429", "502", "504"),
+        links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
+                     "deleteConversation"),
+    )})
     spec.path(
         path="/api/{user_id}/conversations",
         parameters=[USER_ID],
-        operations={"get": _operation("List conversations, most recently updated first",
-                                      _ok("200", "a page of conversations", "ConversationPage"),
-                                      query=schemas.PageQuerySchema, errors=("401", "403", "422", "503"))},
+        operations={"get": _operation("listConversations", "List conversations, most recently updated first",
+                                      "200", "a page of conversations", "ConversationPage",
+                                      query=schemas.PageQuerySchema, errors=LIST_ERRORS)},
     )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}",
         parameters=[USER_ID, CONVERSATION_ID],
         operations={
-            "get": _operation("Read a conversation", _ok("200", "the conversation", "Conversation")),
-            "patch": _operation("Rename a conversation", _ok("200", "the conversation", "Conversation"),
-                                body=schemas.ConversationPatchSchema, errors=BODY_ERRORS),
-            "delete": _operation("Delete a conversation and its messages", _ok("204", "deleted")),
+            "get": _operation("getConversation", "Read a conversation", "200", "the conversation", "Conversation",
+                              errors=READ_ERRORS),
+            "patch": _operation("renameConversation", "Rename a conversation", "200", "the conversation",
+                                "Conversation", body=schemas.ConversationPatchSchema, errors=BODY_ERRORS),
+            "delete": _operation("deleteConversation", "Delete a conversation and its messages", "204", "deleted",
+                                 errors=READ_ERRORS),
         },
     )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}/messages",
         parameters=[USER_ID, CONVERSATION_ID],
-        operations={"get": _operation("Page through a conversation's messages",
-                                      _ok("200", "a page of messages", "MessagePage"),
-                                      query=schemas.MessagePageQuerySchema, errors=("401", "403", "404", "422", "503"))},
+        operations={"get": _operation("listMessages", "Page through a conversation's messages",
+                                      "200", "a page of messages", "MessagePage",
+                                      query=schemas.MessagePageQuerySchema, errors=(*READ_ERRORS, "422"))},
     )
 
 
-PATH_BUILDERS = [_task_paths, _chat_paths, _service_paths]
+def _service_paths(spec: APISpec) -> None:
+    status = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"],
+              "additionalProperties": False}
+    not_ready = {"description": "the database does not answer, or isolation is not in force; error.message says why",
+                 "content": _json("Error"), "headers": RETRY_AFTER}
+    routes = {
+        "/healthz": ("healthz", "Liveness: the process is up",
+                     {"200": {"description": "up", "content": _json(status)}}),
+        "/readyz": ("readyz", "Readiness: the database answers and isolation is in force",
+                    {"200": {"description": "ready", "content": _json(status)}, "503": not_ready}),
+        "/metrics": ("metrics", "Prometheus metrics, over every gunicorn worker",
+                     {"200": {"description": "the Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}}),
+        "/api/openapi.json": ("openapi", "This document",
+                              {"200": {"description": "the OpenAPI 3 document", "content": _json({"type": "object"})}}),
+    }
+    for path, (operation_id, summary, responses) in routes.items():
+        spec.path(path=path, operations={"get": {
+            "operationId": operation_id, "summary": summary, "responses": {**responses, **SERVER_LIMITS},
+        }})
 
 
-@lru_cache(maxsize=1)
 def openapi_document() -> dict:
+    """The document for this app's settings (MESSAGE_MAX_CHARS bounds `message`)."""
+    max_chars = DEFAULT_MESSAGE_MAX_CHARS
+    if has_app_context():
+        max_chars = current_app.config["SETTINGS"].message_max_chars
+    return _document(max_chars)
+
+
+@lru_cache(maxsize=4)
+def _document(message_max_chars: int) -> dict:
     spec = APISpec(
         title="Todo chat assistant API",
         version="0.1.0",
@@ -150,8 +220,10 @@ def openapi_document() -> dict:
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     spec.components.schema("Task", schema=schemas.TaskSchema)
+    spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
     for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage"):
         spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
-    for build in PATH_BUILDERS:
-        build(spec)
+    _task_paths(spec)
+    _chat_paths(spec, message_max_chars)
+    _service_paths(spec)
     return spec.to_dict()

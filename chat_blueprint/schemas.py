@@ -12,11 +12,21 @@ TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
 TITLE_PREVIEW_CHARS = 80
 
+# What `str.strip()` removes (every such character is below U+3001), and the
+# JSON Schema patterns that say in the OpenAPI document what `Text` accepts.
+_BLANK = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+_NOT_NUL = "[^\\u0000]"
+_NOT_NUL_OR_BLANK = "[^\\u0000" + "".join(f"\\u{ord(c):04x}" for c in _BLANK) + "]"
+NO_NUL_PATTERN = f"^{_NOT_NUL}*$"
+NOT_BLANK_PATTERN = f"^{_NOT_NUL}*{_NOT_NUL_OR_BLANK}{_NOT_NUL}*$"
+
 
 class Text(fields.String):
     """A string PostgreSQL can store: no NUL, no lone surrogate; optionally not blank."""
 
     def __init__(self, *args, allow_blank=True, **kwargs):
+        pattern = NO_NUL_PATTERN if allow_blank else NOT_BLANK_PATTERN
+        kwargs["metadata"] = {"pattern": pattern, **kwargs.get("metadata", {})}
         super().__init__(*args, **kwargs)
         self.allow_blank = allow_blank
 
@@ -58,6 +68,8 @@ class ErrorDetailSchema(Schema):
     message = fields.String(required=True)
     field_errors = fields.Dict(data_key="fields", metadata={"description": "per-field messages of a validation error"})
     conversation_id = fields.UUID(metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
+    user_message_id = fields.Integer(metadata={"description": "on 502/504 from /chat: the stored user message"})
+    retry_after = fields.Integer(metadata={"description": "on 429 from /chat: seconds until a turn is allowed again"})
 
 
 class ErrorSchema(Schema):
@@ -83,6 +95,8 @@ class TaskCreateSchema(StrictSchema):
 
 
 class TaskUpdateSchema(StrictSchema):
+    openapi_extra = {"minProperties": 1}  # `at_least_one`, as the OpenAPI document states it
+
     title = Text(allow_blank=False, validate=validate.Length(min=1, max=200))
     description = Text(allow_none=True, validate=validate.Length(max=1000))
 
@@ -153,12 +167,18 @@ class MessagePageSchema(Schema):
     next_cursor = fields.String(required=True, allow_none=True)
 
 
+def _cursor():
+    # A callable default keeps `null` out of the document: a query string cannot carry one.
+    return Text(load_default=lambda: None, allow_none=False, validate=validate.Length(max=200),
+                metadata={"pattern": "^[A-Za-z0-9_-]+$", "description": "the next_cursor of the previous page"})
+
+
 class PageQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+    cursor = _cursor()
 
 
 class MessagePageQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
-    cursor = Text(load_default=None, allow_none=True, validate=validate.Length(max=200))
+    cursor = _cursor()
     order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))
