@@ -11,6 +11,9 @@ every measured phase; BENCH_SECONDS=3 gives a quick run.
 3. history   turn latency in conversations of 10 and of 10,000 messages
 4. slow      ASSISTANT=openai against a local server answering after 1.0 s, 200 clients
 5. rls       phase 2 at its best concurrency against a copy whose policies admit every row
+
+BENCH_BASELINE=<git revision> adds a before/after comparison of the app at that
+revision against the working tree, in the same run (`baseline_speedup`).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ HISTORY_CONVERSATIONS = 64
 LONG_HISTORY = 10_000
 SLOW_CLIENTS = 200
 RLS_ROUNDS = 3
+BASELINE = os.environ.get("BENCH_BASELINE")
+SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "64", "DATABASE_POOL_SIZE": "2"}
 PHASES = set(os.environ.get("BENCH_PHASES", "ceiling,app,history,rls,slow").split(","))
 SLOW_ASSISTANT_S = 1.0
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
@@ -103,13 +108,13 @@ FROM message WHERE conversation_id = %(id)s AND role = 'user';
 """
 
 
-def seed(url: str, histories_too: bool = True) -> dict:
+def seed(url: str) -> dict:
     """Many users and conversations, plus conversations of 10 and 10,000 messages."""
     turns = SEED_MESSAGES // 2
     histories = {"short": [], "long": []}
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(SEED_SQL.format(users=USERS, conversations=CONVERSATIONS, messages=SEED_MESSAGES, turns=turns))
-        for kind, messages in (("short", 10), ("long", LONG_HISTORY)) if histories_too else ():
+        for kind, messages in (("short", 10), ("long", LONG_HISTORY)):
             for i in range(HISTORY_CONVERSATIONS):
                 conversation_id = conversation_uuid(f"history-{kind}-{i}")
                 user = f"bench-{i}"
@@ -168,11 +173,11 @@ def pgbench_script() -> str:
     ]) + "\n"
 
 
-def pgbench(cluster: Cluster, work: Path, clients: int) -> float:
+def pgbench(cluster: Cluster, work: Path, clients: int, database: str = "chat", seconds: float = SECONDS) -> float:
     script = work / "chat_turn.sql"
     script.write_text(pgbench_script())
     command = [str(cluster.bindir / "pgbench"), "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
-               "-j", str(min(clients, 2)), "-T", str(max(1, round(SECONDS))), cluster.url(APP_ROLE)]
+               "-j", str(min(clients, 2)), "-T", str(max(1, round(seconds))), cluster.url(APP_ROLE, database)]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise RuntimeError(f"pgbench failed:\n{finished.stdout}\n{finished.stderr}")
@@ -241,14 +246,14 @@ def wrk(url: str, work: Path, name: str, targets, connections: int, seconds: flo
 
 
 @contextmanager
-def gunicorn(database_url: str, work: Path, name: str, **env):
+def gunicorn(database_url: str, work: Path, name: str, root: Path = ROOT, **env):
     port = free_port()
     environment = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, "HOST": "127.0.0.1",
                    "PORT": str(port), **{k: str(v) for k, v in env.items()}}
     log_path = work / f"gunicorn-{name}.log"
     with log_path.open("w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT)
+                                   cwd=root, env=environment, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -351,8 +356,32 @@ def plot(app_runs: list[dict], ceiling_tps: float, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def compare_with_baseline(cluster: Cluster, work: Path, targets, revision: str) -> dict:
+    """The app at `revision` (a git worktree) against the app as it is, on the same
+    database and runtime settings, measured in turns (A B A B A B) at 16 clients."""
+    log(f"baseline: {revision} against the working tree")
+    tree = work / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
+                   capture_output=True)
+    try:
+        with gunicorn(cluster.url(APP_ROLE), work, "baseline", root=tree, PYTHONPATH=str(tree),
+                      **SAME_RUNTIME) as before_url, \
+                gunicorn(cluster.url(APP_ROLE), work, "current", **SAME_RUNTIME) as after_url:
+            runs = {"before": [], "after": []}
+            for name, url in (("before", before_url), ("after", after_url)):
+                wrk(url, work, f"warmup-{name}", targets, 16, seconds=min(SECONDS, 5))
+            for round_ in range(RLS_ROUNDS):
+                for name, url in (("before", before_url), ("after", after_url)):
+                    runs[name].append(wrk(url, work, f"{name}-{round_}", targets, 16, seconds=SECONDS / 2))
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    medians = {name: sorted(found, key=lambda run: run["per_s"])[len(found) // 2] for name, found in runs.items()}
+    return {"revision": revision, **medians}
+
+
 def runs_of(results: dict) -> list[dict]:
-    return [*results.get("app", []), *results.get("history", {}).values(), *results.get("rls", {}).values(),
+    baseline = [results["baseline"][name] for name in ("before", "after")] if "baseline" in results else []
+    return [*results.get("app", []), *results.get("history", {}).values(), *results.get("rls", {}).values(), *baseline,
             *([results["slow"]] if "slow" in results else [])]
 
 
@@ -373,6 +402,9 @@ def summarize(results: dict) -> dict:
         summary["slow_turns_per_s"] = round(results["slow"]["per_s"], 1)
         summary["slow_p99_ms"] = round(results["slow"]["p99_ms"], 1)
         summary["slow_max_db_connections"] = results["slow"]["max_db_connections"]
+    if "baseline" in results:
+        baseline = results["baseline"]
+        summary["baseline_speedup"] = round(baseline["after"]["per_s"] / baseline["before"]["per_s"], 3)
     if "rls" in results:
         summary["rls_overhead_ratio"] = round(results["rls"]["with"]["per_s"] / results["rls"]["without"]["per_s"], 3)
     return summary
@@ -402,7 +434,8 @@ def main() -> int:
         disable_policies(cluster.url(OWNER_ROLE, NORLS_DATABASE))
         log("seeding")
         histories = seed(cluster.url(SUPERUSER, "chat"))
-        seed(cluster.url(SUPERUSER, NORLS_DATABASE), histories_too=False)
+        if "rls" in PHASES:
+            seed(cluster.url(SUPERUSER, NORLS_DATABASE))  # the same data: only the policies differ
 
         if "ceiling" in PHASES:
             log("phase 1: ceiling (pgbench)")
@@ -410,6 +443,15 @@ def main() -> int:
             for clients, tps in ceiling.items():
                 log(f"ceiling: c={clients} {tps:.0f} turns/s")
             results["ceiling"] = ceiling
+            if "rls" in PHASES:
+                # The database's own cost of the policies, without the app's noise.
+                rounds = {"with": [], "without": []}
+                for _ in range(RLS_ROUNDS):
+                    rounds["with"].append(pgbench(cluster, work, 16, seconds=SECONDS / 2))
+                    rounds["without"].append(pgbench(cluster, work, 16, NORLS_DATABASE, seconds=SECONDS / 2))
+                results["ceiling_rls"] = {name: sorted(found)[len(found) // 2] for name, found in rounds.items()}
+                log(f"ceiling with RLS {results['ceiling_rls']['with']:.0f}, "
+                    f"without {results['ceiling_rls']['without']:.0f} turns/s (medians)")
 
         targets = all_targets()
         if PHASES & {"app", "history", "rls"}:
@@ -443,6 +485,9 @@ def main() -> int:
                                               seconds=SECONDS / 2))
             results["rls"] = {name: sorted(found, key=lambda run: run["per_s"])[len(found) // 2]
                               for name, found in runs.items()}
+
+        if BASELINE and "app" in PHASES:
+            results["baseline"] = compare_with_baseline(cluster, work, targets, BASELINE)
 
         if "slow" in PHASES:
             log(f"phase 4: slow assistant ({SLOW_ASSISTANT_S:g} s), {SLOW_CLIENTS} clients")
