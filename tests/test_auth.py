@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
 from conftest import SECRET, built_app, make_user
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwks_server import KeyServer
 from jwt.algorithms import OKPAlgorithm
 
 
@@ -119,36 +118,6 @@ def test_issuer_and_audience_are_checked_when_configured(app_url):
             assert_401(get_tasks(client, "Bearer " + token(claims)))
 
 
-class JwksServer:
-    """Serves a JWKS document on loopback, like Better Auth's /api/auth/jwks."""
-
-    def __init__(self, keys):
-        body = json.dumps({"keys": keys}).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/auth/jwks"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def eddsa_token(private_key, kid, user_id):
     now = int(time.time())
     return jwt.encode({"sub": user_id, "iat": now, "exp": now + 600}, private_key, algorithm="EdDSA",
@@ -159,7 +128,7 @@ def test_jwks_eddsa_tokens(app_url):
     key = Ed25519PrivateKey.generate()
     jwk = json.loads(OKPAlgorithm.to_jwk(key.public_key()))
     jwk.update(kid="key-1", alg="EdDSA", use="sig")
-    with JwksServer([jwk]) as jwks, built_app(app_url, BETTER_AUTH_JWKS_URL=jwks.url) as app:
+    with KeyServer([jwk]) as jwks, built_app(app_url, BETTER_AUTH_JWKS_URL=jwks.url) as app:
         client = app.test_client()
         user = make_user("jwks")
         accepted = client.get(f"/api/{user.id}/tasks",

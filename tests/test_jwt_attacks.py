@@ -14,10 +14,8 @@ import hashlib
 import hmac
 import json
 import os
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -25,6 +23,7 @@ from conftest import SECRET, gunicorn
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwks_server import KeyServer
 from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
 from chat_blueprint.auth import JwksClient, TokenVerifier, Unauthorized
@@ -44,46 +43,6 @@ def public_jwk(private_key, kid: str, alg: str) -> dict:
 
 
 JWKS = [public_jwk(ED_KEY, "ed-1", "EdDSA"), public_jwk(RSA_KEY, "rsa-1", "RS256")]
-
-
-class KeyServer:
-    """A JWKS endpoint on loopback that counts its fetches. Its keys can be
-    swapped, it can fail with a 500, or answer any `body` instead."""
-
-    def __init__(self, keys):
-        self.keys = list(keys)
-        self.fetches = 0
-        self.failing = False
-        self.body = None
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.fetches += 1
-                status, body = (500, b"down") if server.failing else (200, server.document())
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/auth/jwks"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def document(self) -> bytes:
-        return self.body if self.body is not None else json.dumps({"keys": self.keys}).encode()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def b64(data: bytes) -> str:
