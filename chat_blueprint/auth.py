@@ -26,7 +26,7 @@ JWKS_TIMEOUT_S = 5
 
 class Unauthorized(ApiError):
     def __init__(self, message: str):
-        super().__init__(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="api"'})
+        super().__init__(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class Forbidden(ApiError):

@@ -25,7 +25,7 @@ RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying")}
 ERRORS = {
     "400": ("the body is not valid JSON, or not a JSON object", {}),
     "401": ("missing, malformed, badly signed or expired bearer token",
-            {"WWW-Authenticate": _header("`Bearer realm=\"api\"`")}),
+            {"WWW-Authenticate": _header("`Bearer`")}),
     "403": ("the token belongs to another user than the one in the path", {}),
     "404": ("no such resource for this user (another user's resource is indistinguishable from a missing one)", {}),
     "409": ("the first request with this Idempotency-Key is still running", RETRY_AFTER),

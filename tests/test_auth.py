@@ -36,7 +36,7 @@ def get_tasks(client, authorization, user_id="carol"):
 
 def assert_401(response):
     assert response.status_code == 401, response.get_json()
-    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
     assert response.get_json()["error"]["code"] == "unauthorized"
 
 
