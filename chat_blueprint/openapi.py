@@ -215,7 +215,8 @@ def _document(message_max_chars: int) -> dict:
         version="0.1.0",
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Chat, conversation history and tasks, isolated per user by PostgreSQL row-level security."},
+        info={"description": "Chat, conversation history and tasks, "
+                             "isolated per user by PostgreSQL row-level security."},
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.schema("Error", schema=schemas.ErrorSchema)

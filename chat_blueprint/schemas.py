@@ -67,7 +67,8 @@ class ErrorDetailSchema(Schema):
     code = fields.String(required=True)
     message = fields.String(required=True)
     field_errors = fields.Dict(data_key="fields", metadata={"description": "per-field messages of a validation error"})
-    conversation_id = fields.UUID(metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
+    conversation_id = fields.UUID(
+        metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
     user_message_id = fields.Integer(metadata={"description": "on 502/504 from /chat: the stored user message"})
     retry_after = fields.Integer(metadata={"description": "on 429 from /chat: seconds until a turn is allowed again"})
 

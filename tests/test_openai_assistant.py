@@ -134,7 +134,8 @@ def test_past_tool_calls_are_described_in_text(llm, make_assistant):
     """Unanswered `tool_calls` in a request are rejected by OpenAI, so they travel as text."""
     history = [
         HistoryMessage(role="user", content="add eggs"),
-        HistoryMessage(role="assistant", content="", tool_calls=[{"id": "c", "name": "add_task", "arguments": {"title": "eggs"}}]),
+        HistoryMessage(role="assistant", content="",
+                       tool_calls=[{"id": "c", "name": "add_task", "arguments": {"title": "eggs"}}]),
         HistoryMessage(role="user", content="thanks"),
     ]
 
