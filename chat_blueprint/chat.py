@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import NoReturn
 
 import psycopg
 from flask import current_app, g, request
@@ -72,7 +73,7 @@ def chat():
     except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
         observe_assistant(backend, "timeout" if isinstance(failure, AssistantTimeout) else "error",
                           time.perf_counter() - started)
-        return _assistant_failed(engine, pending, failure)
+        _assistant_failed(engine, pending, failure)
     observe_assistant(backend, "ok", time.perf_counter() - started)
     try:
         answer = conversations.finish_turn(engine, g.user_id, pending, reply)
@@ -91,7 +92,8 @@ def _release_key_after_database_error(engine, pending) -> None:
         pass
 
 
-def _assistant_failed(engine, pending, failure: Exception):
+def _assistant_failed(engine, pending, failure: Exception) -> NoReturn:
+    """Release the key and answer 502 or 504 with the stored message's conversation."""
     conversations.fail_turn(engine, g.user_id, pending)
     if isinstance(failure, AssistantTimeout):
         status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"

@@ -38,10 +38,8 @@ from sqlalchemy.orm import Session
 from . import tenancy
 from .assistants import HistoryMessage, Reply
 from .errors import ApiError
-from .models import Conversation, Message
+from .models import BIGINT_MAX, Conversation, Message
 from .schemas import TITLE_PREVIEW_CHARS
-
-BIGINT_MAX = 2**63 - 1
 
 
 class ConversationNotFound(ApiError):
@@ -121,17 +119,13 @@ class Replay:
 
 
 # Transaction 1. The user message goes in with the conversation's row lock
-# taken by the UPDATE (or the conversation is created), and, under a key,
-# the key row learns which message it stored.
-STORE_IN_CONVERSATION = """
-WITH locked AS (
-    UPDATE conversation
-    SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
-    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
-    RETURNING id, turn_count
-), stored AS (
+# taken by the UPDATE (or the conversation is created), numbered by the
+# conversation's new turn_count, and under a key the key row learns which
+# message it stored. Both statements end with the same two steps.
+STORE_USER_MESSAGE = """
+, stored AS (
     INSERT INTO message (conversation_id, user_id, role, content, turn)
-    SELECT id, %(user_id)s, 'user', %(content)s, turn_count FROM locked
+    SELECT id, %(user_id)s, 'user', %(content)s, turn_count FROM counted
     RETURNING conversation_id, id, turn
 ), claimed AS (
     UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
@@ -140,21 +134,20 @@ WITH locked AS (
 SELECT conversation_id, id, turn FROM stored
 """
 
+STORE_IN_CONVERSATION = """
+WITH counted AS (
+    UPDATE conversation
+    SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
+    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
+    RETURNING id, turn_count
+)""" + STORE_USER_MESSAGE
+
 STORE_IN_NEW_CONVERSATION = """
-WITH created AS (
+WITH counted AS (
     INSERT INTO conversation (user_id, title, message_count, turn_count)
     VALUES (%(user_id)s, %(title)s, 1, 1)
-    RETURNING id
-), stored AS (
-    INSERT INTO message (conversation_id, user_id, role, content, turn)
-    SELECT id, %(user_id)s, 'user', %(content)s, 1 FROM created
-    RETURNING conversation_id, id, turn
-), claimed AS (
-    UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
-    FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
-)
-SELECT conversation_id, id, turn FROM stored
-"""
+    RETURNING id, turn_count
+)""" + STORE_USER_MESSAGE
 
 # The last messages up to and including the user message, newest first: a
 # backward scan of the (conversation_id, id) primary key that stops after

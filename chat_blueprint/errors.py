@@ -68,8 +68,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(sa_exc.TimeoutError)
     def database_unavailable(error):
         log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
-        unavailable = DatabaseUnavailable()
-        return error_response(unavailable.status, unavailable.code, unavailable.message, unavailable.headers)
+        return api_error(DatabaseUnavailable())
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

@@ -11,8 +11,7 @@ from . import tenancy
 from .auth import Forbidden
 from .errors import ApiError
 from .isolation import ensure_isolation
-
-BIGINT_MAX = 2**63 - 1
+from .models import BIGINT_MAX
 
 
 class BigIntConverter(BaseConverter):

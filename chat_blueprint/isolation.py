@@ -45,6 +45,12 @@ def isolation_problems(cursor) -> list[str]:
     return problems
 
 
+class IsolationNotInForce(ApiError):
+    def __init__(self, problems: list[str]):
+        super().__init__(503, "isolation_not_in_force", "refusing to serve: " + "; ".join(problems),
+                         headers={"Retry-After": "30"})
+
+
 def check_now() -> list[str]:
     """Run the check on a fresh pooled connection (raises if the database is down)."""
     with current_app.extensions["sqlalchemy"].engine.connect() as connection:
@@ -65,6 +71,5 @@ def ensure_isolation() -> None:
     problems = check_now()
     if problems:
         log.error("refusing to serve: %s", "; ".join(problems))
-        raise ApiError(503, "isolation_not_in_force", "refusing to serve: " + "; ".join(problems),
-                       headers={"Retry-After": "30"})
+        raise IsolationNotInForce(problems)
     verified.set()

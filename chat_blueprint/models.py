@@ -26,6 +26,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from .extensions import db
 
 NOT_BLANK_USER = "user_id <> ''"
+BIGINT_MAX = 2**63 - 1  # the largest id a bigint column holds
 
 
 class Task(db.Model):

@@ -84,10 +84,6 @@ def configure_logging() -> None:
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 def _start_request() -> None:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex

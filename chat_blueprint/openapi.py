@@ -12,7 +12,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, has_app_context
 
 from . import schemas
-from .http import BIGINT_MAX
+from .models import BIGINT_MAX
 
 DEFAULT_MESSAGE_MAX_CHARS = 16_000
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify
-from sqlalchemy import exc as sa_exc
 
-from .errors import error_response
-from .isolation import check_now
+from .isolation import IsolationNotInForce, check_now
 
 bp = Blueprint("service", __name__)
 
@@ -18,13 +16,11 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """200 when the database answers and isolation is in force, else 503 with the reason."""
-    try:
-        problems = check_now()
-    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
-        return error_response(503, "database_unavailable", "the database does not answer", {"Retry-After": "2"})
+    """200 when the database answers and isolation is in force, else 503 with
+    the reason (a database that does not answer goes to the 503 handler)."""
+    problems = check_now()
     if problems:
-        return error_response(503, "isolation_not_in_force", "; ".join(problems), {"Retry-After": "30"})
+        raise IsolationNotInForce(problems)
     return {"status": "ready"}
 
 

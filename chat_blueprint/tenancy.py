@@ -14,7 +14,6 @@ from one request to the next, and PgBouncer transaction pooling is safe.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 from sqlalchemy import event
@@ -25,10 +24,6 @@ _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
 BIND_USER_SQL = "select set_config('app.user_id', %s, true)"
 
 
-def current_user_id() -> str | None:
-    return _current_user.get()
-
-
 def bind_user(user_id: str):
     """Make `user_id` the tenant of every transaction until `unbind_user(token)`."""
     return _current_user.set(user_id)
@@ -36,15 +31,6 @@ def bind_user(user_id: str):
 
 def unbind_user(token) -> None:
     _current_user.reset(token)
-
-
-@contextmanager
-def user_scope(user_id: str):
-    token = bind_user(user_id)
-    try:
-        yield
-    finally:
-        unbind_user(token)
 
 
 def bind_cursor(cursor, user_id: str) -> None:

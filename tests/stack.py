@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from conftest import Server, gunicorn
+from conftest import Server, gunicorn, wait_until_serving
 
 from chat_blueprint.devcluster import (
     APP_ROLE,
@@ -112,19 +112,6 @@ def _service(name: str, command: list[str], directory: Path, user: str | None):
         service.stop()
 
 
-def _wait_for_port(service: Service, port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise AssertionError(f"{service.name} exited with {service.process.returncode}:\n{service.output()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{service.name} did not listen on {port} within {timeout_s}s:\n{service.output()}")
-
-
 def pgbouncer_version() -> tuple[int, ...]:
     banner = subprocess.run([find_program("pgbouncer"), "--version"], capture_output=True, text=True,
                             check=True).stdout
@@ -193,7 +180,7 @@ log_connections = 0
 log_disconnections = 0
 {prepared}""", user)
         with _service("pgbouncer", [program, str(directory / "pgbouncer.ini")], directory, user) as service:
-            _wait_for_port(service, port)
+            _wait_until(service, lambda: _listening(port), f"listen on {port}")
             yield PgBouncer(port, version, credentials, service)
 
 
@@ -254,37 +241,33 @@ http {{
                    str(directory / "error.log"), "-g", "daemon off;"]
         with _service("nginx", command, directory, user) as service:
             balancer = Balancer(f"http://127.0.0.1:{port}", list(upstreams), service)
-            _wait_for_http(balancer.url + "/healthz", service)
+            health = balancer.url + "/healthz"
+            _wait_until(service, lambda: _answering(health), f"answer {health}")
             yield balancer
 
 
-def _wait_for_http(url: str, service: Service, timeout_s: float = 15.0) -> None:
+def _wait_until(service: Service, probe, what: str, timeout_s: float = 15.0) -> None:
+    """Until `probe()` holds; fail at once if the service exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise AssertionError(f"{service.name} exited with {service.process.returncode}:\n{service.output()}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if probe():
                 return
-        except requests.RequestException:
+        except (OSError, requests.RequestException):
             pass
         time.sleep(0.05)
-    raise AssertionError(f"{service.name} did not answer {url} within {timeout_s}s:\n{service.output()}")
+    raise AssertionError(f"{service.name} did not {what} within {timeout_s}s:\n{service.output()}")
 
 
-def wait_until_serving(server: Server, timeout_s: float = 30.0) -> None:
-    """Until gunicorn answers /healthz. Its master listens before a worker has
-    booted, so a probe may wait on a busy machine: that is not a failure."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {server.process.returncode}:\n{server.output()}")
-        try:
-            if requests.get(server.url + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not answer within {timeout_s}s:\n{server.output()}")
+def _listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def _answering(url: str) -> bool:
+    return requests.get(url, timeout=2).status_code == 200
 
 
 @dataclass

@@ -30,9 +30,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-from conftest import User, gunicorn, make_user, throwaway_cluster
+from conftest import User, gunicorn, make_user, throwaway_cluster, wait_until_serving
 from fake_llm import FakeChatCompletions
-from stack import scaled_out, wait_until_serving
+from stack import scaled_out
 
 from chat_blueprint.devcluster import APP_ROLE, SUPERUSER, Cluster
 
