@@ -135,12 +135,12 @@ def disable_policies(owner_url: str) -> None:
 
 
 def pgbench_script() -> str:
-    """The SQL of one chat turn, taken from conversations.py, with each bind
+    """The SQL of one chat turn, taken from turns.py, with each bind
     parameter replaced by an expression over pgbench's random conversation
     number: two pipelined transactions, as the app sends them. pgbench cannot
     carry a result into a pipeline, so the reply names its user message with
     currval() of the message id sequence (this connection's last insert)."""
-    from chat_blueprint import conversations
+    from chat_blueprint import turns
 
     values = {
         "conversation_id": "md5('conv-' || :n)::uuid",
@@ -160,15 +160,15 @@ def pgbench_script() -> str:
         return " ".join(sql.split())
 
     bind = "SELECT set_config('app.user_id', 'bench-' || :u, true);"
-    store = statement(conversations.STORE_IN_CONVERSATION)
+    store = statement(turns.STORE_IN_CONVERSATION)
     return "\n".join([
         f"\\set n random(1, {CONVERSATIONS})",
         f"\\set u :n % {USERS}",
         "\\startpipeline",
-        "BEGIN;", bind, store + ";", statement(conversations.LATEST_WINDOW) + ";", "COMMIT;",
+        "BEGIN;", bind, store + ";", statement(turns.LATEST_WINDOW) + ";", "COMMIT;",
         "\\endpipeline",
         "\\startpipeline",
-        "BEGIN;", bind, statement(conversations.STORE_REPLY) + ";", "COMMIT;",
+        "BEGIN;", bind, statement(turns.STORE_REPLY) + ";", "COMMIT;",
         "\\endpipeline",
     ]) + "\n"
 

@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "2"
 
+# Every way the database can be unreachable: psycopg's own errors (raw SQL),
+# SQLAlchemy's wrappers of them (the ORM, `engine.connect()`), and a pool that
+# has no connection to give within DATABASE_POOL_TIMEOUT_S.
+DATABASE_ERRORS = (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
 
 class ApiError(Exception):
     """An expected failure with a status, a code and optional extra fields."""
@@ -62,13 +67,12 @@ def register_error_handlers(app: Flask) -> None:
             headers["Allow"] = ", ".join(error.valid_methods)
         return error_response(error.code or 500, _snake(error.name), error.description or error.name, headers)
 
-    @app.errorhandler(psycopg.OperationalError)
-    @app.errorhandler(sa_exc.OperationalError)
-    @app.errorhandler(sa_exc.InterfaceError)
-    @app.errorhandler(sa_exc.TimeoutError)
     def database_unavailable(error):
         log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
         return api_error(DatabaseUnavailable())
+
+    for database_error in DATABASE_ERRORS:
+        app.register_error_handler(database_error, database_unavailable)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

@@ -103,6 +103,7 @@ class IdempotencyKey(db.Model):
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
         CheckConstraint("status IN ('running', 'done', 'failed')", name="status_known"),
+        Index("ix_idempotency_key_created", "created_at"),  # the purge of expired keys
     )
 
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)

@@ -1,22 +1,26 @@
 """The one place that binds `app.user_id` to a database transaction.
 
-The verified user id lives in a context variable for the length of a request.
-`bind_cursor` runs `select set_config('app.user_id', <id>, true)`; it is called
+`bind(cursor, user_id)` runs `select set_config('app.user_id', <id>, true)`,
+and it has exactly two callers:
 
-- by a Session `after_begin` hook at the start of *every* transaction a
-  Session opens, including the ones SQLAlchemy opens after a commit to
-  refresh objects, and
-- by the chat turn's pipelined transactions (conversations.py), as their
-  first statement.
+- the Session `after_begin` hook, at the start of *every* transaction a
+  Session opens (including the ones SQLAlchemy opens after a commit to
+  refresh objects), for the user of the current request, and
+- `transaction(engine, user_id)`, the public way to run raw psycopg SQL as a
+  user (the chat turn's hot path), as its first statement.
 
 The setting is transaction-local, so a pooled connection carries nothing
 from one request to the next, and PgBouncer transaction pooling is safe.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Iterator
 
+import psycopg
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
@@ -25,7 +29,7 @@ BIND_USER_SQL = "select set_config('app.user_id', %s, true)"
 
 
 def bind_user(user_id: str):
-    """Make `user_id` the tenant of every transaction until `unbind_user(token)`."""
+    """Make `user_id` the tenant of every Session transaction until `unbind_user(token)`."""
     return _current_user.set(user_id)
 
 
@@ -33,19 +37,49 @@ def unbind_user(token) -> None:
     _current_user.reset(token)
 
 
-def bind_cursor(cursor, user_id: str) -> None:
+def bind(cursor, user_id: str) -> None:
     """Bind `user_id` to the transaction `cursor` runs in (a psycopg cursor)."""
     cursor.execute(BIND_USER_SQL, (user_id,))
 
 
-def _bind_transaction(session, transaction, connection) -> None:
+@contextmanager
+def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
+    """One transaction as `user_id` on a pooled psycopg connection in pipeline mode.
+
+    The user is bound by the first (queued) statement, so binding costs no
+    round trip of its own. Statements queue until a result is fetched or the
+    caller commits; calling `commit()` before reading results sends the whole
+    transaction in one round trip. A clean exit commits what is still open;
+    an exception rolls back. A connection found dead is invalidated with
+    every other pooled one, as SQLAlchemy does on a disconnect.
+    """
+    with engine.connect() as pooled:
+        connection = pooled.connection.driver_connection
+        try:
+            with connection.pipeline():
+                bind(connection.cursor(), user_id)
+                yield connection
+                connection.commit()
+        except BaseException as exc:
+            if connection.broken or connection.closed:
+                pooled.invalidate(exc if isinstance(exc, Exception) else None)
+                engine.dispose()
+            else:
+                try:
+                    connection.rollback()
+                except psycopg.Error:
+                    pooled.invalidate()
+            raise
+
+
+def _bind_session_transaction(session, transaction, connection) -> None:
     user_id = _current_user.get()
     if user_id is not None:
         with connection.connection.driver_connection.cursor() as cursor:
-            bind_cursor(cursor, user_id)
+            bind(cursor, user_id)
 
 
 def install(session_target=Session) -> None:
     """Register the hook once for every Session (Flask-SQLAlchemy's included)."""
-    if not event.contains(session_target, "after_begin", _bind_transaction):
-        event.listen(session_target, "after_begin", _bind_transaction)
+    if not event.contains(session_target, "after_begin", _bind_session_transaction):
+        event.listen(session_target, "after_begin", _bind_session_transaction)

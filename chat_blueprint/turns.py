@@ -1,0 +1,335 @@
+"""A chat turn as explicit steps (no Flask here):
+
+1. `begin`: claim the Idempotency-Key, take the rate limit, store the user
+   message under the conversation's row lock (or create the conversation),
+   read the history window: one short transaction.
+2. `ask`: the assistant answers from that window, with no transaction open.
+3. `finish`: store the reply with `reply_to` = the user message and record
+   the answer under the key: a second short transaction.
+4. `fail`: whatever went wrong after `begin`, release the key so a retry with
+   it can answer the stored message at once.
+
+`run` is the blocking turn: the steps in order, with every failure after
+`begin` going through `_released_on_failure`, the one place that maps an
+assistant failure to 502/504 and a database failure (psycopg's or
+SQLAlchemy's, pool timeouts included) to 503. A new way of delivering a turn
+(a stream) calls the same steps and differs only in how it asks and delivers.
+
+The conversation row lock serialises turns of one conversation across any
+number of app instances, so message ids follow one total order per
+conversation, and each turn sees every message committed before it.
+
+The turn is the hot path, so it skips the ORM: each transaction is a few SQL
+statements sent in one psycopg pipeline through `tenancy.transaction` (one
+network round trip for a turn without a key).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from psycopg.types.json import Jsonb
+from sqlalchemy.engine import Engine
+
+from . import idempotency, rate_limit, tenancy
+from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMessage, Reply
+from .errors import DATABASE_ERRORS, ApiError, DatabaseUnavailable
+from .history import ConversationNotFound
+from .idempotency import IdempotencyClaim, KeyState
+from .observability import observe_assistant
+from .rate_limit import RateLimit
+from .schemas import TITLE_PREVIEW_CHARS
+
+log = logging.getLogger(__name__)
+
+STALE_GRACE_S = 30
+
+# Transaction 1. The user message goes in with the conversation's row lock
+# taken by the UPDATE (or the conversation is created), numbered by the
+# conversation's new turn_count, and under a key the key row learns which
+# message it stored. Both statements end with the same two steps.
+STORE_USER_MESSAGE = """
+, stored AS (
+    INSERT INTO message (conversation_id, user_id, role, content, turn)
+    SELECT id, %(user_id)s, 'user', %(content)s, turn_count FROM counted
+    RETURNING conversation_id, id, turn
+), claimed AS (
+    UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
+    FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
+)
+SELECT conversation_id, id, turn FROM stored
+"""
+
+STORE_IN_CONVERSATION = """
+WITH counted AS (
+    UPDATE conversation
+    SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
+    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
+    RETURNING id, turn_count
+)""" + STORE_USER_MESSAGE
+
+STORE_IN_NEW_CONVERSATION = """
+WITH counted AS (
+    INSERT INTO conversation (user_id, title, message_count, turn_count)
+    VALUES (%(user_id)s, %(title)s, 1, 1)
+    RETURNING id, turn_count
+)""" + STORE_USER_MESSAGE
+
+# The last messages up to and including the user message, newest first: a
+# backward scan of the (conversation_id, id) primary key that stops after
+# `limit` rows, so its cost does not grow with the conversation's length
+# (migration 0002 says why no index is led by `id` alone).
+HISTORY_WINDOW = """
+SELECT role, content, tool_calls FROM message
+WHERE conversation_id = %(conversation_id)s AND id <= %(up_to)s
+ORDER BY id DESC LIMIT %(limit)s
+"""
+
+LATEST_WINDOW = """
+SELECT role, content, tool_calls FROM message
+WHERE conversation_id = %(conversation_id)s
+ORDER BY id DESC LIMIT %(limit)s
+"""
+
+USER_MESSAGE_TURN = """
+SELECT turn FROM message WHERE conversation_id = %(conversation_id)s AND id = %(id)s AND user_id = %(user_id)s
+"""
+
+# Transaction 2: lock the conversation again, store the reply, and under a
+# key record the whole answer (with the new message's id) in the same commit.
+STORE_REPLY = """
+WITH locked AS (
+    UPDATE conversation SET message_count = message_count + 1, updated_at = now()
+    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
+    RETURNING id
+), reply AS (
+    INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to)
+    SELECT id, %(user_id)s, 'assistant', %(content)s, %(tool_calls)s, %(reply_to)s FROM locked
+    RETURNING id
+), answered AS (
+    UPDATE idempotency_key
+    SET status = 'done', updated_at = now(),
+        response = jsonb_set(%(response)s, '{assistant_message_id}', to_jsonb(reply.id))
+    FROM reply WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
+)
+SELECT id FROM reply
+"""
+
+
+class AssistantFailed(ApiError):
+    """The assistant let the turn down after its user message was stored (502 or 504)."""
+
+    def __init__(self, status: int, code: str, message: str, pending: PendingTurn):
+        super().__init__(status, code, message, conversation_id=str(pending.conversation_id),
+                         user_message_id=pending.user_message_id)
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """What a client asked for: a message for a conversation (None: a new one)."""
+
+    user_id: str
+    message: str
+    conversation_id: uuid.UUID | None
+    claim: IdempotencyClaim | None
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """A stored user message waiting for the assistant."""
+
+    user_id: str
+    conversation_id: uuid.UUID
+    user_message_id: int
+    turn: int
+    history: list[HistoryMessage]
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The stored answer of an earlier request with the same Idempotency-Key."""
+
+    response: dict
+
+
+def _window(rows) -> list[HistoryMessage]:
+    return [HistoryMessage(role, content, tool_calls) for role, content, tool_calls in reversed(rows)]
+
+
+class Turns:
+    """The turn service for one assistant backend on one engine."""
+
+    def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
+                 stale_after_s: float, idempotency_ttl_s: int, rate_limit: RateLimit | None = None):
+        self.engine = engine
+        self.assistant = assistant
+        self.backend = backend
+        self.history_limit = history_limit
+        self.stale_after_s = stale_after_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.rate_limit = rate_limit
+
+    @classmethod
+    def from_settings(cls, engine: Engine, assistant: Assistant, settings) -> Turns:
+        return cls(engine, assistant, backend=settings.assistant, history_limit=settings.chat_history_limit,
+                   stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S,
+                   idempotency_ttl_s=settings.idempotency_ttl_s,
+                   rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None)
+
+    def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
+                key: str | None = None) -> TurnRequest:
+        claim = None
+        if key is not None:
+            claim = IdempotencyClaim.of(key, message, conversation_id, stale_after_s=self.stale_after_s,
+                                        ttl_s=self.idempotency_ttl_s)
+        return TurnRequest(user_id, message, conversation_id, claim)
+
+    def run(self, request: TurnRequest) -> dict:
+        """A blocking turn: the answer, or an ApiError (404, 409, 422, 429, 502, 503, 504)."""
+        pending = self.begin(request)
+        if isinstance(pending, Replay):
+            return pending.response
+        with self._released_on_failure(pending):
+            reply = self.ask(pending)
+            return self.finish(pending, reply)
+
+    # Step 1
+
+    def begin(self, request: TurnRequest) -> PendingTurn | Replay:
+        """Store the user message and read the window, in one transaction.
+
+        A replay or the resumption of a stored message does not count against
+        the rate limit; a new message does, and over the limit nothing is
+        stored (429).
+        """
+        with tenancy.transaction(self.engine, request.user_id) as connection:
+            if request.claim is not None:
+                outcome = idempotency.claim(connection, request.user_id, request.claim)
+                outcome.refuse()
+                if outcome.state is KeyState.REPLAY:
+                    return Replay(outcome.response)
+                if outcome.state is KeyState.RESUME:
+                    return self._resume(connection, request, outcome)
+            if self.rate_limit is not None:
+                rate_limit.take_turn(connection, request.user_id, self.rate_limit)
+            return self._store_user_message(connection, request)
+
+    def _store_user_message(self, connection, request: TurnRequest) -> PendingTurn:
+        params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
+                  "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
+                  "limit": self.history_limit}
+        stored, window = connection.cursor(), connection.cursor()
+        if request.conversation_id is None:
+            stored.execute(STORE_IN_NEW_CONVERSATION, params)
+        else:
+            stored.execute(STORE_IN_CONVERSATION, params)
+            window.execute(LATEST_WINDOW, params)
+        if request.claim is None:
+            # Nothing to undo if the conversation is unknown: send it all in one round trip.
+            connection.commit()
+        row = stored.fetchone()
+        if row is None:
+            raise ConversationNotFound()  # under a key, this rolls the claim back
+        if request.conversation_id is None:
+            history = [HistoryMessage("user", request.message, [])]
+        else:
+            history = _window(window.fetchall())
+        conversation_id, user_message_id, turn = row
+        return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
+                           request.claim and request.claim.key)
+
+    def _resume(self, connection, request: TurnRequest, outcome) -> PendingTurn:
+        """Answer the user message the key's first request stored."""
+        turn, window = connection.cursor(), connection.cursor()
+        turn.execute(USER_MESSAGE_TURN, {"conversation_id": outcome.conversation_id, "id": outcome.user_message_id,
+                                         "user_id": request.user_id})
+        window.execute(HISTORY_WINDOW, {"conversation_id": outcome.conversation_id, "up_to": outcome.user_message_id,
+                                        "limit": self.history_limit})
+        connection.commit()
+        row = turn.fetchone()
+        if row is None:
+            raise ConversationNotFound()
+        return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
+                           _window(window.fetchall()), request.claim.key)
+
+    # Step 2
+
+    def ask(self, pending: PendingTurn) -> Reply:
+        """The assistant's reply to the window; any failure is an AssistantFailed."""
+        started = time.perf_counter()
+        try:
+            reply = self.assistant.reply(pending.history, pending.turn)
+        except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
+            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
+            raise self.assistant_failed(pending, failure) from None
+        self._observe("ok", started)
+        return reply
+
+    def _observe(self, outcome: str, started: float) -> None:
+        observe_assistant(self.backend, outcome, time.perf_counter() - started)
+
+    @staticmethod
+    def assistant_failed(pending: PendingTurn, failure: Exception) -> AssistantFailed:
+        if isinstance(failure, AssistantTimeout):
+            status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"
+        elif isinstance(failure, AssistantError):
+            status, code, message = 502, "assistant_failed", f"the assistant failed: {failure}"
+        else:
+            log.error("assistant raised an unexpected error", exc_info=failure)
+            status, code, message = 502, "assistant_failed", "the assistant failed"
+        log.warning("chat turn unanswered: %s (%s)", code, type(failure).__name__)
+        return AssistantFailed(status, code, message, pending)
+
+    # Step 3
+
+    def finish(self, pending: PendingTurn, reply: Reply) -> dict:
+        """Store the reply and, under a key, the answer; return the answer."""
+        response = {
+            "conversation_id": str(pending.conversation_id),
+            "response": reply.text,
+            "tool_calls": reply.tool_calls,
+            "user_message_id": pending.user_message_id,
+            "assistant_message_id": None,
+        }
+        with tenancy.transaction(self.engine, pending.user_id) as connection:
+            stored = connection.cursor()
+            stored.execute(STORE_REPLY, {
+                "user_id": pending.user_id, "conversation_id": pending.conversation_id, "content": reply.text,
+                "tool_calls": Jsonb(reply.tool_calls), "reply_to": pending.user_message_id,
+                "key": pending.idempotency_key, "response": Jsonb(response),
+            })
+            connection.commit()
+            row = stored.fetchone()
+        if row is None:
+            raise ConversationNotFound()
+        response["assistant_message_id"] = row[0]
+        return response
+
+    # Step 4
+
+    def fail(self, pending: PendingTurn) -> None:
+        """Release the key, if the database allows: the user message stays, and a
+        retry with the key may answer it at once (not only once it is stale)."""
+        if pending.idempotency_key is None:
+            return
+        try:
+            with tenancy.transaction(self.engine, pending.user_id) as connection:
+                idempotency.fail(connection, pending.user_id, pending.idempotency_key)
+        except DATABASE_ERRORS as exc:
+            log.warning("could not release an Idempotency-Key (%s); it is retried once stale", type(exc).__name__)
+
+    @contextmanager
+    def _released_on_failure(self, pending: PendingTurn):
+        """Every failure after `begin` releases the key; a database failure is a 503."""
+        try:
+            yield
+        except Exception as failure:
+            self.fail(pending)
+            if isinstance(failure, DATABASE_ERRORS):
+                log.warning("chat turn unanswered: database unavailable (%s)", type(failure).__name__)
+                raise DatabaseUnavailable() from None
+            raise
