@@ -1,23 +1,32 @@
 """The production runtime: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
-Two workers per core (each has its own GIL; measured 15-25% more turns/s
-than one per core, see docs/benchmarks.md), and threads carry the rest: a
-chat turn spends most of its time waiting on the assistant with no database
-connection held, so 4 x 64 threads serve 200 slow turns at once on a pool of
-DATABASE_POOL_SIZE connections per worker, by default 10 per instance in all.
+gevent workers (GUNICORN_WORKER_CLASS, default `gevent`; `gthread` is the
+alternative): a chat turn spends almost all of its time waiting on the
+assistant with no database connection held, and a greenlet per connection
+makes that wait cost a few kilobytes instead of a thread, so one instance
+holds a thousand turns (blocking or streaming) in flight, and clients that
+trickle their bodies block only their own greenlet. Measured side by side
+with gthread in docs/benchmarks.md. Two workers per core (each has its own
+GIL), each with up to GUNICORN_WORKER_CONNECTIONS clients, on a pool of
+DATABASE_POOL_SIZE database connections per worker, 10 per instance in all.
+psycopg (3.1.14 and later) waits cooperatively under gevent by itself, and
+the assistant's HTTP client goes through gevent's patched sockets.
 
 Logs are JSON lines on stdout: the app writes one access line per request
 (with its request id), and gunicorn's own messages use the same format.
 """
+import glob
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", str(2 * (os.cpu_count() or 1))))
-worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+threads = int(os.environ.get("GUNICORN_THREADS", "64"))  # gthread only
 INSTANCE_DB_CONNECTIONS = 10
 os.environ.setdefault("DATABASE_POOL_SIZE", str(max(1, INSTANCE_DB_CONNECTIONS // workers)))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
@@ -30,7 +39,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "chat_blueprint.observability.JsonFormatter"}},
+    "formatters": {"json": {"()": "chat_blueprint.logs.JsonFormatter"}},
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"handlers": ["stdout"], "level": "WARNING"},
     "loggers": {
@@ -46,22 +55,27 @@ if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
 
 
+# The master imports nothing of the app (its log formatter aside, which is
+# stdlib only): a gevent worker must monkey-patch the standard library before
+# Flask, psycopg or the ssl module are imported, and workers inherit whatever
+# the master imported. Hence the start-up check runs as its own process.
+
+
 def on_starting(server):
     """Refuse to serve on a bad configuration or a role that bypasses row-level security."""
-    from chat_blueprint.startup import RefuseToServe, check_before_serving
-
-    try:
-        check_before_serving()
-    except RefuseToServe as refusal:
-        print(str(refusal), file=sys.stderr, flush=True)
-        server.log.error(str(refusal))
+    checked = subprocess.run([sys.executable, "-m", "chat_blueprint.startup"], stderr=subprocess.PIPE, text=True)
+    if checked.returncode != 0:
+        refusal = checked.stderr.strip() or f"the start-up check failed (exit {checked.returncode})"
+        print(refusal, file=sys.stderr, flush=True)
+        server.log.error(refusal)
         sys.exit(1)
 
 
 def child_exit(server, worker):
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
+    """What prometheus_client's multiprocess.mark_process_dead does: drop the dead
+    worker's live gauges (its other metrics stay, summed into the totals)."""
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], f"gauge_live*_{worker.pid}.db")):
+        os.remove(path)
 
 
 def on_exit(server):

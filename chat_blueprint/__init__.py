@@ -1,83 +1,19 @@
-"""A todo app's AI chat assistant: the persistence and API layer."""
-from __future__ import annotations
+"""A todo app's AI chat assistant: the persistence and API layer.
 
-import threading
-
-from flask import Flask
-
-from . import tenancy
-from .assistants import build_assistant
-from .auth import TokenVerifier
-from .config import load_settings
-from .errors import register_error_handlers
-from .extensions import db, migrate
-
-MAX_BODY_BYTES = 1024 * 1024
+`create_app` lives in `app.py` and is imported on first use, so that
+importing a light module of the package (the log formatter gunicorn's master
+configures) does not import Flask: under gevent workers, the worker must
+monkey-patch the standard library before Flask, Werkzeug and the ssl module
+they pull in are imported.
+"""
 
 
-def create_app(test_config: dict | None = None) -> Flask:
-    """Build the app from the environment (or `test_config`'s `ENV` mapping).
+def __getattr__(name):
+    if name == "create_app":
+        from .app import create_app
 
-    Configuration is validated here, once; a bad setting raises ConfigError
-    naming the variable. Nothing here touches the database, so `flask db
-    upgrade` can import the app before any table exists.
-    """
-    test_config = dict(test_config or {})
-    settings = load_settings(test_config.pop("ENV", None))
-    app = Flask(__name__)
-    app.config.update(
-        SETTINGS=settings,
-        SQLALCHEMY_DATABASE_URI=settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS=_engine_options(settings),
-        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-        JSON_SORT_KEYS=False,
-    )
-    app.config.update(test_config)
-    app.json.sort_keys = False
-
-    db.init_app(app)
-    migrate.init_app(app, db, directory=_migrations_directory())
-    tenancy.install()
-    app.extensions["token_verifier"] = TokenVerifier.from_settings(settings)
-    app.extensions["isolation_verified"] = threading.Event()
-    app.extensions["assistant"] = build_assistant(settings)
-
-    from .http import BigIntConverter
-
-    app.url_map.converters["bigint"] = BigIntConverter
-    register_error_handlers(app)
-
-    from . import chat, observability, service, tasks
-
-    observability.install(app)
-    with app.app_context():
-        observability.watch_pool(db.engine)
-
-    app.register_blueprint(service.bp)
-    app.register_blueprint(tasks.bp)
-    app.register_blueprint(chat.bp)
-
-    from .cli import register_commands
-
-    register_commands(app)
-    return app
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _engine_options(settings) -> dict:
-    connect_args = {"connect_timeout": 5, "application_name": "chat_blueprint"}
-    if not settings.prepared_statements:
-        connect_args["prepare_threshold"] = None
-    return {
-        "pool_size": settings.pool_size,
-        "max_overflow": 0,
-        "pool_timeout": settings.pool_timeout_s,
-        "pool_pre_ping": False,
-        "hide_parameters": True,
-        "connect_args": connect_args,
-    }
-
-
-def _migrations_directory() -> str:
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parent.parent / "migrations")
+__all__ = ["create_app"]

@@ -5,7 +5,7 @@ import uuid
 
 from flask import current_app, g, request
 
-from . import history
+from . import history, ui_stream
 from .errors import ApiError
 from .extensions import db
 from .http import json_body, query_args, user_blueprint
@@ -18,7 +18,7 @@ from .schemas import (
     MessagePageSchema,
     PageQuerySchema,
 )
-from .turns import Turns
+from .turns import Replay, Turns
 
 bp = user_blueprint("chat", __name__)
 
@@ -43,16 +43,29 @@ def _turns() -> Turns:
     return Turns.from_settings(db.engine, current_app.extensions["assistant"], current_app.config["SETTINGS"])
 
 
+def _wants_stream(body: dict) -> bool:
+    """`"stream": true`, or `Accept` naming text/event-stream itself (not through */*)."""
+    return body["stream"] or any(mimetype == ui_stream.MIMETYPE and quality > 0
+                                 for mimetype, quality in request.accept_mimetypes)
+
+
 @bp.post("/chat")
 def chat():
     """One chat turn: store the user message, ask the assistant with the
     stored history, store its reply. No transaction is open while the
-    assistant runs."""
+    assistant runs. Streamed, every refusal still comes from `begin`, before
+    the first event, as a JSON error with its status."""
     settings = current_app.config["SETTINGS"]
     key = _idempotency_key()
     body = json_body(ChatRequestSchema(max_chars=settings.message_max_chars))
     turns = _turns()
-    return turns.run(turns.request(g.user_id, body["message"], body["conversation_id"], key))
+    turn = turns.request(g.user_id, body["message"], body["conversation_id"], key)
+    if not _wants_stream(body):
+        return turns.run(turn)
+    started = turns.begin(turn)
+    if isinstance(started, Replay):
+        return ui_stream.response(ui_stream.replay_events(started))
+    return ui_stream.response(ui_stream.turn_events(turns.stream(started)))
 
 
 @bp.get("/conversations")

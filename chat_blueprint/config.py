@@ -38,6 +38,7 @@ class Settings:
     pool_timeout_s: float
     idempotency_ttl_s: int
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
+    stream_keepalive_s: float = 15.0
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -167,7 +168,10 @@ def load_settings(env=None) -> Settings:
         pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
+        stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", 15.0),
     )
+    if settings.stream_keepalive_s > 15:
+        raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")
     if settings.assistant == "openai":
         if not settings.assistant_base_url:
             raise ConfigError("ASSISTANT_BASE_URL is not set (required when ASSISTANT=openai)")

@@ -94,6 +94,9 @@ class Message(db.Model):
     reply_to: Mapped[int | None] = mapped_column(BigInteger)
     turn: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    model: Mapped[str | None] = mapped_column(Text)  # what the assistant backend reported (replies only)
+    finish_reason: Mapped[str | None] = mapped_column(Text)
+    usage: Mapped[dict | None] = mapped_column(JSONB)
 
 
 class IdempotencyKey(db.Model):

@@ -12,15 +12,12 @@ directory before the workers start, and /metrics merges every worker's files.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 import time
 import uuid
-from contextvars import ContextVar
-from datetime import datetime, timezone
 
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import (
@@ -35,11 +32,13 @@ from prometheus_client import (
 )
 from sqlalchemy import event
 
+from .logs import JsonFormatter
+from .logs import request_id as _request_id
+
 REQUEST_ID_HEADER = "X-Request-ID"
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 LOGGER = "chat_blueprint"
 
-_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REQUESTS = Counter("http_requests_total", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram("http_request_duration_seconds", "Time to answer an HTTP request", ["method", "route"],
@@ -48,30 +47,6 @@ ASSISTANT_LATENCY = Histogram("assistant_duration_seconds", "Time the assistant 
                               ["backend", "outcome"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
 POOL_IN_USE = Gauge("db_pool_connections_in_use", "Database connections checked out of the pool",
                     multiprocess_mode="livesum")
-
-ACCESS_FIELDS = ("method", "route", "path", "status", "duration_ms", "user_id")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and
-    the access fields when present."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = getattr(record, "request_id", None) or _request_id.get()
-        if request_id:
-            entry["request_id"] = request_id
-        for name in ACCESS_FIELDS:
-            if hasattr(record, name):
-                entry[name] = getattr(record, name)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
 
 
 def configure_logging() -> None:

@@ -141,15 +141,30 @@ def _task_paths(spec: APISpec) -> None:
     )
 
 
+UI_MESSAGE_STREAM = {
+    "schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": "a JSON object, or [DONE] last"},
+        "event": {"type": "string"}}, "description": (
+        "With `stream: true` (or `Accept: text/event-stream`): the AI SDK UI message stream protocol v1, one "
+        "`data: <JSON>` event per line pair: start, start-step, text-start, text-delta..., text-end, "
+        "tool-input-available per tool call, finish-step, finish (once the reply is stored), then `data: [DONE]`; "
+        "a failure after the start is an `error` event then `data: [DONE]`.")},
+}
+
+
 def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
-    spec.path(path="/api/{user_id}/chat", parameters=[USER_ID], operations={"post": _operation(
+    chat = _operation(
         "chat", "One chat turn: store the message, ask the assistant with the stored history, store its reply",
-        "200", "the assistant's reply", "ChatResponse",
+        "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
         body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
         errors=(*BODY_ERRORS, "409", "429", "502", "504"),
         links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
                      "deleteConversation"),
-    )})
+    )
+    chat["responses"]["200"]["content"]["text/event-stream"] = UI_MESSAGE_STREAM
+    chat["responses"]["200"]["headers"] = {"x-vercel-ai-ui-message-stream": {
+        "description": "`v1` on a streamed answer", "required": False, "schema": {"type": "string"}}}
+    spec.path(path="/api/{user_id}/chat", parameters=[USER_ID], operations={"post": chat})
     spec.path(
         path="/api/{user_id}/conversations",
         parameters=[USER_ID],

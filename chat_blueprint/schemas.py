@@ -114,9 +114,20 @@ class TaskListQuerySchema(QuerySchema):
 # Chat and conversations
 
 
+class StrictBoolean(fields.Boolean):
+    """`true` or `false` only: not 1, "yes" or "true" as a string."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class ChatRequestSchema(StrictSchema):
     message = Text(required=True, allow_blank=False)
     conversation_id = fields.UUID(load_default=None, allow_none=True)
+    stream = StrictBoolean(load_default=False, metadata={
+        "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
 
     def __init__(self, *args, max_chars: int = 16_000, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,7 +140,22 @@ class ToolCallSchema(Schema):
     arguments = fields.Raw(required=True, metadata={"description": "arguments parsed from JSON"})
 
 
-class ChatResponseSchema(Schema):
+class UsageSchema(Schema):
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+
+
+class ModelReportSchema(Schema):
+    """What the assistant backend reported with a reply (null on user messages)."""
+
+    model = fields.String(required=True, allow_none=True, metadata={"description": "the model's name"})
+    finish_reason = fields.String(required=True, allow_none=True, metadata={
+        "description": "why the model stopped: stop, length (cut off: not complete), tool_calls, content_filter"})
+    usage = fields.Nested(UsageSchema, required=True, allow_none=True)
+
+
+class ChatResponseSchema(ModelReportSchema):
     conversation_id = fields.UUID(required=True)
     response = fields.String(required=True)
     tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
@@ -154,7 +180,7 @@ class ConversationPageSchema(Schema):
     next_cursor = fields.String(required=True, allow_none=True)
 
 
-class MessageSchema(Schema):
+class MessageSchema(ModelReportSchema):
     id = fields.Integer(required=True)
     role = fields.String(required=True, validate=validate.OneOf(("user", "assistant")))
     content = fields.String(required=True)

@@ -37,3 +37,27 @@ def check_before_serving() -> None:
         return
     if problems:
         raise RefuseToServe("refusing to serve: " + "; ".join(problems))
+
+
+def main() -> int:
+    """`python -m chat_blueprint.startup`: the check as its own process, so that
+    gunicorn's master never imports Flask (see gunicorn.conf.py). Exit 1 on a
+    refusal, with the reason on stderr."""
+    import sys
+
+    from .logs import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        check_before_serving()
+    except RefuseToServe as refusal:
+        print(str(refusal), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

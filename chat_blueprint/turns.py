@@ -25,17 +25,21 @@ network round trip for a turn without a key).
 """
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine
 
 from . import idempotency, rate_limit, tenancy
-from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMessage, Reply
+from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMessage, Reply, stream_reply
 from .errors import DATABASE_ERRORS, ApiError, DatabaseUnavailable
 from .history import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
@@ -46,6 +50,9 @@ from .schemas import TITLE_PREVIEW_CHARS
 log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
+KEEPALIVE_S = 15.0
+# Answers stored under a key before replies carried the model's report.
+ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
 
 # Transaction 1. The user message goes in with the conversation's row lock
 # taken by the UPDATE (or the conversation is created), numbered by the
@@ -106,8 +113,10 @@ WITH locked AS (
     WHERE id = %(conversation_id)s AND user_id = %(user_id)s
     RETURNING id
 ), reply AS (
-    INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to)
-    SELECT id, %(user_id)s, 'assistant', %(content)s, %(tool_calls)s, %(reply_to)s FROM locked
+    INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to, model, finish_reason, usage)
+    SELECT id, %(user_id)s, 'assistant', %(content)s, %(tool_calls)s, %(reply_to)s, %(model)s, %(finish_reason)s,
+           %(usage)s
+    FROM locked
     RETURNING id
 ), answered AS (
     UPDATE idempotency_key
@@ -155,6 +164,30 @@ class Replay:
 
     response: dict
 
+    def __post_init__(self):
+        object.__setattr__(self, "response", {**ANSWER_DEFAULTS, **self.response})
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply's text, as the assistant produced it."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The reply is stored: the whole answer, as blocking mode returns it."""
+
+    answer: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The turn ended unanswered after its user message was stored."""
+
+    error: ApiError
+
 
 def _window(rows) -> list[HistoryMessage]:
     return [HistoryMessage(role, content, tool_calls) for role, content, tool_calls in reversed(rows)]
@@ -164,7 +197,8 @@ class Turns:
     """The turn service for one assistant backend on one engine."""
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
-                 stale_after_s: float, idempotency_ttl_s: int, rate_limit: RateLimit | None = None):
+                 stale_after_s: float, idempotency_ttl_s: int, rate_limit: RateLimit | None = None,
+                 keepalive_s: float = KEEPALIVE_S):
         self.engine = engine
         self.assistant = assistant
         self.backend = backend
@@ -172,13 +206,15 @@ class Turns:
         self.stale_after_s = stale_after_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.rate_limit = rate_limit
+        self.keepalive_s = keepalive_s
 
     @classmethod
     def from_settings(cls, engine: Engine, assistant: Assistant, settings) -> Turns:
         return cls(engine, assistant, backend=settings.assistant, history_limit=settings.chat_history_limit,
                    stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S,
                    idempotency_ttl_s=settings.idempotency_ttl_s,
-                   rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None)
+                   rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
+                   keepalive_s=settings.stream_keepalive_s)
 
     def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
                 key: str | None = None) -> TurnRequest:
@@ -196,6 +232,11 @@ class Turns:
         with self._released_on_failure(pending):
             reply = self.ask(pending)
             return self.finish(pending, reply)
+
+    def stream(self, pending: PendingTurn) -> TurnStream:
+        """A streaming turn: `ask` in the assistant's streaming form and `finish`, run
+        at once on a thread of their own, whose events the caller relays."""
+        return TurnStream(self, pending, self.keepalive_s)
 
     # Step 1
 
@@ -269,6 +310,24 @@ class Turns:
         self._observe("ok", started)
         return reply
 
+    def ask_streaming(self, pending: PendingTurn, emit) -> Reply:
+        """Like `ask`, calling `emit(Delta(text))` for each piece of text as it comes."""
+        started = time.perf_counter()
+        try:
+            for item in stream_reply(self.assistant, pending.history, pending.turn):
+                if isinstance(item, Reply):
+                    reply = item
+                    break
+                if item:
+                    emit(Delta(item))
+            else:
+                raise AssistantError("the assistant's stream ended without a reply")
+        except Exception as failure:  # noqa: BLE001 - as in `ask`
+            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
+            raise self.assistant_failed(pending, failure) from None
+        self._observe("ok", started)
+        return reply
+
     def _observe(self, outcome: str, started: float) -> None:
         observe_assistant(self.backend, outcome, time.perf_counter() - started)
 
@@ -294,13 +353,17 @@ class Turns:
             "tool_calls": reply.tool_calls,
             "user_message_id": pending.user_message_id,
             "assistant_message_id": None,
+            "model": reply.model,
+            "finish_reason": reply.finish_reason,
+            "usage": reply.usage,
         }
         with tenancy.transaction(self.engine, pending.user_id) as connection:
             stored = connection.cursor()
             stored.execute(STORE_REPLY, {
                 "user_id": pending.user_id, "conversation_id": pending.conversation_id, "content": reply.text,
                 "tool_calls": Jsonb(reply.tool_calls), "reply_to": pending.user_message_id,
-                "key": pending.idempotency_key, "response": Jsonb(response),
+                "key": pending.idempotency_key, "response": Jsonb(response), "model": reply.model,
+                "finish_reason": reply.finish_reason, "usage": Jsonb(reply.usage) if reply.usage is not None else None,
             })
             connection.commit()
             row = stored.fetchone()
@@ -333,3 +396,52 @@ class Turns:
                 log.warning("chat turn unanswered: database unavailable (%s)", type(failure).__name__)
                 raise DatabaseUnavailable() from None
             raise
+
+
+class TurnStream:
+    """The events of a streaming turn: `Delta`s, then one `Answered` or `Failed`;
+    `None` when nothing happened for `keepalive_s` (time for a keep-alive).
+
+    `ask_streaming` and `finish` run on a thread of their own, started here,
+    with the request's context variables (request id, for the logs). The
+    caller only relays what it produces, so a client that goes away cannot
+    cancel the turn: the reply is stored when the assistant finishes. `close`
+    (also run when the caller's generator is closed) waits for that, so a
+    graceful shutdown of the server lets the turn end first.
+    """
+
+    def __init__(self, turns: Turns, pending: PendingTurn, keepalive_s: float = KEEPALIVE_S):
+        self.pending = pending
+        self.keepalive_s = keepalive_s
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._produce, turns), name="chat-turn")
+        self._thread.start()
+
+    def _produce(self, turns: Turns) -> None:
+        emit = self._events.put
+        try:
+            with turns._released_on_failure(self.pending):
+                reply = turns.ask_streaming(self.pending, emit)
+                answer = turns.finish(self.pending, reply)
+        except ApiError as error:
+            emit(Failed(error))
+        except Exception:
+            log.exception("streaming chat turn failed")
+            emit(Failed(ApiError(500, "internal_error", "an unexpected error occurred")))
+        else:
+            emit(Answered(answer))
+
+    def __iter__(self) -> Iterator[Delta | Answered | Failed | None]:
+        while True:
+            try:
+                event = self._events.get(timeout=self.keepalive_s)
+            except queue.Empty:
+                yield None
+                continue
+            yield event
+            if isinstance(event, (Answered, Failed)):
+                return
+
+    def close(self) -> None:
+        self._thread.join()

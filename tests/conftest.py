@@ -185,7 +185,7 @@ def gunicorn(database_url: str, *, workers: int = 1, threads: int = 8, wait_read
         log.unlink(missing_ok=True)
 
 
-def wait_until_serving(server: Server, timeout_s: float = 30.0) -> None:
+def wait_until_serving(server: Server, timeout_s: float = 90.0) -> None:
     """Until gunicorn answers /healthz. Its master listens before a worker has
     booted, so a probe may wait on a busy machine: that is not a failure."""
     deadline = time.monotonic() + timeout_s

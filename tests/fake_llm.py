@@ -8,7 +8,8 @@ real HTTP, so gunicorn workers in other processes can use it too.
 Every request is recorded (path, lower-cased headers, parsed JSON body) in
 `.requests`. Answers come from the queue filled by `.script(...)`, one per
 request, then from `.default`. An answer is built with one of the helpers
-below: `text`, `tool_calls`, `echo`, `status`, `malformed`, `slow`.
+below: `text`, `tool_calls`, `echo`, `status`, `malformed`, `slow`, and
+`streamed` for `stream: true` requests (server-sent chunks over time).
 `.delay` adds a pause before every answer (for benchmarks).
 
     with FakeChatCompletions() as llm:
@@ -46,6 +47,9 @@ class Answer:
     body: bytes | Callable[[RecordedRequest], bytes] = b""
     delay_s: float = 0.0
     headers: dict = field(default_factory=dict)
+    events: list[bytes] | None = None  # a streamed answer: these SSE events, `interval_s` apart
+    interval_s: float = 0.0
+    cut_after: int | None = None  # drop the connection after this many events (an upstream dying mid-stream)
 
     def render(self, request: RecordedRequest) -> bytes:
         return self.body(request) if callable(self.body) else self.body
@@ -63,9 +67,9 @@ def _completion(message: dict, finish_reason: str) -> bytes:
     return json.dumps(payload).encode()
 
 
-def text(content: str) -> Answer:
+def text(content: str, finish_reason: str = "stop") -> Answer:
     """A normal reply carrying `content`."""
-    return Answer(body=_completion({"role": "assistant", "content": content}, "stop"))
+    return Answer(body=_completion({"role": "assistant", "content": content}, finish_reason))
 
 
 def tool_calls(calls: list[dict], content: str | None = None) -> Answer:
@@ -84,6 +88,35 @@ def tool_calls(calls: list[dict], content: str | None = None) -> Answer:
     ]
     message = {"role": "assistant", "content": content, "tool_calls": wire_calls}
     return Answer(body=_completion(message, "tool_calls"))
+
+
+def _chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
+    payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake-model",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if choices else []}
+    if usage is not None:
+        payload["usage"] = usage
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def streamed(pieces: list[str], interval_s: float = 0.0, *, finish_reason: str = "stop", calls: list[dict] = (),
+             usage: dict | None = None, cut_after: int | None = None) -> Answer:
+    """A streamed reply: one content chunk per piece, `interval_s` apart; then each tool
+    call in two fragments (id and name, then the arguments split in two); a chunk with
+    `finish_reason`; a usage chunk without choices; and `[DONE]`. `cut_after=N` drops
+    the connection after N events."""
+    events = [_chunk({"role": "assistant", "content": ""})]
+    events += [_chunk({"content": piece}) for piece in pieces]
+    for index, call in enumerate(calls):
+        arguments = call["arguments"] if isinstance(call["arguments"], str) else json.dumps(call["arguments"])
+        half = len(arguments) // 2
+        events.append(_chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                              "function": {"name": call["name"], "arguments": arguments[:half]}}]}))
+        events.append(_chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]}))
+    events.append(_chunk({}, finish_reason=finish_reason))
+    usage = usage or {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
+    events.append(_chunk({}, usage=usage, choices=False))
+    events.append(b"data: [DONE]\n\n")
+    return Answer(events=events, interval_s=interval_s, cut_after=cut_after)
 
 
 def echo(prefix: str = "fake reply to: ") -> Answer:
@@ -229,6 +262,9 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
             self._send(answer, request)
 
         def _send(self, answer: Answer, request: RecordedRequest) -> None:
+            if answer.events is not None:
+                self._stream(answer)
+                return
             payload = answer.render(request)
             try:
                 self.send_response(answer.status)
@@ -240,6 +276,27 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(payload)
             except OSError:
                 self.close_connection = True  # the client gave up (a timeout test), nothing to tell
+
+        def _stream(self, answer: Answer) -> None:
+            """Chunked transfer, one SSE event per chunk, each flushed as it is written."""
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for number, data in enumerate(answer.events):
+                    if number and answer.interval_s and fake._closing.wait(answer.interval_s):
+                        break
+                    if answer.cut_after is not None and number >= answer.cut_after:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        break
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                else:
+                    self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                pass
+            self.close_connection = True
 
         def log_message(self, format, *args):
             pass

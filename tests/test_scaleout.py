@@ -155,3 +155,31 @@ def test_prepared_statements_do_not_survive_transaction_pooling(deployment):
             first.commit()
             assert second.execute("select %s::text", ("another statement",)).fetchone() == ("another statement",)
             second.commit()
+
+
+def test_a_stream_arrives_through_nginx_and_pgbouncer_as_it_is_produced(cluster):
+    """nginx buffers responses by default; the stream's X-Accel-Buffering: no turns that off for it."""
+    import json
+    import time
+
+    from fake_llm import FakeChatCompletions, streamed
+
+    pieces = [f"p{n} " for n in range(6)]
+    with FakeChatCompletions(default=streamed(pieces, interval_s=0.4)) as llm, \
+            scaled_out(cluster, instances=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                       ASSISTANT_MODEL="fake-model") as stream_deployment:
+        user = make_user()
+        started = time.monotonic()
+        response = requests.post(f"{stream_deployment.url}/api/{user.id}/chat",
+                                 json={"message": "through the proxy", "stream": True}, headers=user.headers,
+                                 stream=True, timeout=30)
+        assert response.status_code == 200 and response.headers["Content-Type"] == "text/event-stream"
+        arrivals = []
+        for line in response.iter_lines(chunk_size=1, decode_unicode=True):
+            if line.startswith("data: {"):
+                arrivals.append((json.loads(line.removeprefix("data: "))["type"], time.monotonic() - started))
+    kinds = [kind for kind, _ in arrivals]
+    first_delta = next(at for kind, at in arrivals if kind == "text-delta")
+    finished = next(at for kind, at in arrivals if kind == "finish")
+    assert kinds[-1] == "finish" and kinds.count("text-delta") == len(pieces)
+    assert finished - first_delta > 1.5, arrivals  # the upstream spreads its pieces over 2.4 s

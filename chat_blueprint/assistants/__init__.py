@@ -1,13 +1,20 @@
 """The Assistant interface and its backends.
 
 An assistant turns the history window of a conversation (oldest first, the
-new user message last) into a `Reply`. It runs with no database transaction
-open. Failures are `AssistantError` (502) or `AssistantTimeout` (504).
+new user message last) into a `Reply`, in one of two forms:
+
+- `reply(history, turn)`: the whole reply at once (blocking turns);
+- `stream(history, turn)`: the reply's text in pieces (`str` deltas) as it is
+  produced, then the final `Reply` as the last item (streaming turns). The
+  deltas, concatenated, are the reply's `text`.
+
+It runs with no database transaction open. Failures are `AssistantError`
+(502) or `AssistantTimeout` (504), raised by either form at any point.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,9 @@ class HistoryMessage:
 class Reply:
     text: str
     tool_calls: list = field(default_factory=list)  # [{"id": str, "name": str, "arguments": <JSON value>}]
+    model: str | None = None  # what the backend reported
+    finish_reason: str | None = None  # stop, length, tool_calls, content_filter, or None
+    usage: dict | None = None  # {"prompt_tokens", "completion_tokens", "total_tokens"}
 
 
 class AssistantError(Exception):
@@ -34,6 +44,21 @@ class AssistantTimeout(AssistantError):
 class Assistant(Protocol):
     def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
         """Answer the last message of `history`, the `turn`-th user message of its conversation."""
+
+    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+        """The same answer as text deltas while it is produced, then the `Reply`."""
+
+
+def stream_reply(assistant, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+    """`assistant.stream(...)`, or for a backend with only `reply`, its whole text as one delta."""
+    stream = getattr(assistant, "stream", None)
+    if stream is not None:
+        yield from stream(history, turn)
+        return
+    reply = assistant.reply(history, turn)
+    if reply.text:
+        yield reply.text
+    yield reply
 
 
 def build_assistant(settings) -> Assistant:

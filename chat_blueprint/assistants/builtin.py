@@ -5,15 +5,25 @@ it was shown, so a reply proves which history was read.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Iterator, Sequence
 
 from . import HistoryMessage, Reply
 
 ECHO_CHARS = 200
+MODEL = "builtin"
+WORDS = re.compile(r"\s*\S+|\s+$")
 
 
 class BuiltinAssistant:
     def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
         message = history[-1].content if history else ""
         echoed = message if len(message) <= ECHO_CHARS else message[:ECHO_CHARS] + "..."
-        return Reply(text=f"turn {turn}: you said \"{echoed}\" ({len(history)} messages in view)", tool_calls=[])
+        return Reply(text=f"turn {turn}: you said \"{echoed}\" ({len(history)} messages in view)", tool_calls=[],
+                     model=MODEL, finish_reason="stop", usage=None)
+
+    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+        """The same reply, word by word (each delta a word with the spaces before it)."""
+        reply = self.reply(history, turn)
+        yield from WORDS.findall(reply.text)
+        yield reply

@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Sequence
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import openai
-from openai.types.chat import ChatCompletion
+from openai import Stream
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
 
@@ -49,6 +52,7 @@ class OpenAICompatibleAssistant:
                  api_key: str | None = None, system_prompt: str | None = None):
         self.model = model
         self.system_prompt = system_prompt
+        self.timeout_s = timeout_s
         self._api_key = api_key
         # Local servers need no key, but the client insists on one; a placeholder
         # also keeps it from reading OPENAI_API_KEY behind the operator's back.
@@ -71,21 +75,60 @@ class OpenAICompatibleAssistant:
 
     def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
         """One Chat Completions call for the window; `turn` is not needed by the model."""
-        try:
+        with self._mapped_errors():
             completion = self._client.post(
                 "/chat/completions",
                 cast_to=ChatCompletion,
                 body={"model": self.model, "messages": self.messages(history)},
             )
+        return reply_from(completion)
+
+    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+        """The same call with `stream: true`: each content delta as it arrives, then the Reply.
+
+        Tool calls arrive as fragments keyed by their index (the id and name
+        first, the arguments in pieces) and are assembled here; usage comes in
+        a last chunk without choices (`stream_options.include_usage`).
+        ASSISTANT_TIMEOUT_S bounds the whole answer: the client's timeout
+        bounds each wait for bytes, and the deadline is checked at every chunk.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        assembled = _StreamedReply()
+        with self._mapped_errors():
+            chunks = self._client.post(
+                "/chat/completions",
+                cast_to=ChatCompletion,
+                body={"model": self.model, "messages": self.messages(history), "stream": True,
+                      "stream_options": {"include_usage": True}},
+                stream=True,
+                stream_cls=Stream[ChatCompletionChunk],
+            )
+            with chunks:
+                for chunk in chunks:
+                    if time.monotonic() > deadline:
+                        raise AssistantTimeout("the assistant backend did not finish in time")
+                    delta = assembled.add(chunk)
+                    if delta:
+                        yield delta
+        yield assembled.reply()
+
+    @contextmanager
+    def _mapped_errors(self):
+        """The client's failures as AssistantError / AssistantTimeout, never chained (they may hold the key)."""
+        try:
+            yield
+        except AssistantError:
+            raise
         except openai.APITimeoutError:
             raise AssistantTimeout("the assistant backend did not answer in time") from None
         except openai.APIStatusError as exc:
             raise AssistantError(self._redact(_status_message(exc))) from None
         except openai.APIConnectionError:
             raise AssistantError("the assistant backend could not be reached") from None
+        except openai.APIError:
+            raise AssistantError("the assistant backend reported an error while streaming") from None
         except (openai.OpenAIError, ValueError):
             raise AssistantError("the assistant backend answered with a malformed body") from None
-        return reply_from(completion)
 
     def messages(self, history: Sequence[HistoryMessage]) -> list[dict]:
         """The request's messages: the system prompt if set, then the window oldest first.
@@ -130,15 +173,94 @@ def reply_from(completion) -> Reply:
     calls = [_tool_call(call) for call in getattr(message, "tool_calls", None) or []]
     if not content and not calls:
         raise AssistantError("the assistant backend answered with an empty reply")
-    return Reply(text=content or "", tool_calls=calls)
+    return Reply(text=content or "", tool_calls=calls, model=_model(completion),
+                 finish_reason=_finish_reason(getattr(choices[0], "finish_reason", None)),
+                 usage=_usage(getattr(completion, "usage", None)))
+
+
+class _StreamedReply:
+    """The pieces of a streamed completion, assembled into a Reply."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.calls: dict[int, dict] = {}
+        self.model = None
+        self.finish_reason = None
+        self.usage = None
+
+    def add(self, chunk) -> str:
+        """Take one chunk; return its text delta ('' if none)."""
+        self.model = _model(chunk) or self.model
+        self.usage = _usage(getattr(chunk, "usage", None)) or self.usage
+        choices = getattr(chunk, "choices", None) or []
+        if not isinstance(choices, list):
+            raise AssistantError("the assistant backend streamed a malformed chunk")
+        delta_text = ""
+        for choice in choices:
+            if getattr(choice, "index", 0) != 0:
+                continue
+            delta = getattr(choice, "delta", None)
+            piece = getattr(delta, "content", None) or getattr(delta, "refusal", None)
+            if piece is not None:
+                if not isinstance(piece, str):
+                    raise AssistantError("the assistant backend streamed a malformed delta")
+                delta_text += piece
+            for fragment in getattr(delta, "tool_calls", None) or []:
+                self._add_tool_call(fragment)
+            self.finish_reason = _finish_reason(getattr(choice, "finish_reason", None)) or self.finish_reason
+        if delta_text:
+            self.text.append(delta_text)
+        return delta_text
+
+    def _add_tool_call(self, fragment) -> None:
+        index = getattr(fragment, "index", None)
+        if not isinstance(index, int):
+            raise AssistantError("the assistant backend streamed a malformed tool call")
+        call = self.calls.setdefault(index, {"id": None, "name": "", "arguments": ""})
+        function = getattr(fragment, "function", None)
+        call["id"] = getattr(fragment, "id", None) or call["id"]
+        name, arguments = getattr(function, "name", None), getattr(function, "arguments", None)
+        if not isinstance(name or "", str) or not isinstance(arguments or "", str):
+            raise AssistantError("the assistant backend streamed a malformed tool call")
+        call["name"] += name or ""
+        call["arguments"] += arguments or ""
+
+    def reply(self) -> Reply:
+        text = "".join(self.text)
+        calls = [_parsed_tool_call(call["id"], call["name"] or None, call["arguments"])
+                 for _, call in sorted(self.calls.items())]
+        if not text and not calls:
+            raise AssistantError("the assistant backend answered with an empty reply")
+        return Reply(text=text, tool_calls=calls, model=self.model, finish_reason=self.finish_reason,
+                     usage=self.usage)
+
+
+def _model(completion) -> str | None:
+    model = getattr(completion, "model", None)
+    return model[:200] if isinstance(model, str) and model else None
+
+
+def _finish_reason(reason) -> str | None:
+    return reason[:64] if isinstance(reason, str) and reason else None
+
+
+def _usage(usage) -> dict | None:
+    """`{"prompt_tokens", "completion_tokens", "total_tokens"}` when the backend reported all three as counts."""
+    counts = {name: getattr(usage, name, None) for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    if usage is None or not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                                for value in counts.values()):
+        return None
+    return counts
 
 
 def _tool_call(call) -> dict:
     """`{"id", "name", "arguments"}` with the arguments parsed from their JSON text."""
     function = getattr(call, "function", None)
-    call_id = getattr(call, "id", None)
-    name = getattr(function, "name", None)
-    arguments = getattr(function, "arguments", None)
+    return _parsed_tool_call(getattr(call, "id", None), getattr(function, "name", None),
+                             getattr(function, "arguments", None))
+
+
+def _parsed_tool_call(call_id, name, arguments) -> dict:
     if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, str)):
         raise AssistantError("the assistant backend answered with a malformed tool call")
     try:
