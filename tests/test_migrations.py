@@ -24,7 +24,8 @@ def isolation_state(cluster) -> list:
         tables = conn.execute(
             "select relname, relrowsecurity, relforcerowsecurity from pg_class"
             " where relname = any(%s) and relkind = 'r' order by relname", (list(ISOLATED_TABLES),)).fetchall()
-        policies = conn.execute("select tablename, policyname from pg_policies order by tablename, policyname").fetchall()
+        policies = conn.execute(
+            "select tablename, policyname from pg_policies order by tablename, policyname").fetchall()
         grants = conn.execute(
             "select table_name, string_agg(privilege_type, ',' order by privilege_type)"
             " from information_schema.role_table_grants where grantee = %s group by table_name order by table_name",

@@ -178,7 +178,8 @@ def test_a_role_granted_execute_can_prune_and_read_nothing(own_cluster, maintena
     add_key(app_url, user, "fresh", 0)
     result = prune(maintenance_url)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == f"deleted 1 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)"
+    assert result.stdout.splitlines()[0] == (
+        f"deleted 1 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)")
     assert keys_of(app_url, user) == ["fresh"]
     with psycopg.connect(maintenance_url) as conn, pytest.raises(errors.InsufficientPrivilege):
         conn.execute("select count(*) from idempotency_key")

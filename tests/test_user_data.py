@@ -140,6 +140,19 @@ def test_export_and_erase_of_another_users_path_are_403(client, alice, bob):
     assert without_exported_at(export(client, bob)) == without_exported_at(before)
 
 
+def test_the_openapi_document_has_both_routes(client):
+    document = client.get("/api/openapi.json").get_json()
+    exported = document["paths"]["/api/{user_id}/export"]["get"]["responses"]
+    assert exported["200"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Export"
+    assert exported["200"]["headers"]["Content-Disposition"]["required"] is True
+    assert {"401", "403", "503"} <= set(exported)
+    erased = document["paths"]["/api/{user_id}/data"]["delete"]["responses"]
+    assert "content" not in erased["204"] and {"401", "403", "503"} <= set(erased)
+    schemas = document["components"]["schemas"]
+    assert list(schemas["Export"]["properties"]) == ["user_id", "exported_at", "tasks", "conversations"]
+    assert set(schemas["ExportedConversation"]["properties"]) == {*schemas["Conversation"]["properties"], "messages"}
+
+
 def unreachable_url() -> str:
     return f"postgresql://nobody:secret@127.0.0.1:{free_port()}/chat"
 
