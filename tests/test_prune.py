@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import ROOT, connect, throwaway_cluster
+from conftest import ROOT, built_app, connect, throwaway_cluster
 from psycopg import errors, sql
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, free_port
@@ -31,6 +31,13 @@ def prune(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env.update(DATABASE_URL=database_url, IDEMPOTENCY_TTL_S=str(TTL_S))
     return subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "prune", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
+
+
+def prune_in_process(database_url: str, *args: str):
+    """The same command through Flask's CLI runner (exit code, and stdout and stderr together)."""
+    with built_app(database_url, IDEMPOTENCY_TTL_S=TTL_S) as app:
+        result = app.test_cli_runner().invoke(args=["prune", *args])
+    return result.exit_code, result.output
 
 
 def add_key(app_url: str, user_id: str, key: str, age_s: float) -> None:
@@ -84,9 +91,9 @@ def test_prune_deletes_aged_keys_and_idle_rate_state_and_keeps_the_rest(own_clus
     assert [rate_state_of(app_url, user) for user in idle] == [0, 0, 0]
     assert [rate_state_of(app_url, user) for user in limiting] == [1, 1]
 
-    again = prune(own_cluster.url(OWNER_ROLE))
-    assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines() == [
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE))
+    assert code == 0, output
+    assert output.splitlines() == [
         f"deleted 0 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)",
         "deleted 0 idle rate-limit rows",
     ]
@@ -119,10 +126,9 @@ def test_the_app_role_cannot_prune_and_still_sees_nothing_without_a_user(own_clu
     add_key(app_url, user, "old", TTL_S * 2)
     add_rate_state(app_url, user, -60)
 
-    refused = prune(app_url)
-    assert refused.returncode == 1
-    assert "may not prune" in refused.stderr and "owner" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    code, output = prune_in_process(app_url)
+    assert code == 1
+    assert "may not prune" in output and "owner" in output and "Traceback" not in output
     for call in ("select prune_idempotency_keys(0, 1000)", "select * from prune_chat_rate_limits('', 1000)"):
         with connect(app_url) as conn, pytest.raises(errors.InsufficientPrivilege):
             conn.execute(call)
@@ -134,7 +140,7 @@ def test_the_app_role_cannot_prune_and_still_sees_nothing_without_a_user(own_clu
         deleted = [conn.execute(f"delete from {table}").rowcount for table in ("idempotency_key", "chat_rate_limit")]
     assert seen == [0, 0] and deleted == [0, 0]
     assert keys_of(app_url, user) == ["old"] and rate_state_of(app_url, user) == 1
-    assert prune(own_cluster.url(OWNER_ROLE)).returncode == 0
+    assert prune_in_process(own_cluster.url(OWNER_ROLE))[0] == 0
 
 
 def test_the_owner_sees_nothing_outside_the_prune_functions(own_cluster):
@@ -176,21 +182,20 @@ def test_a_role_granted_execute_can_prune_and_read_nothing(own_cluster, maintena
     user = new_user()
     add_key(app_url, user, "old", TTL_S * 2)
     add_key(app_url, user, "fresh", 0)
-    result = prune(maintenance_url)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == (
-        f"deleted 1 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)")
+    code, output = prune_in_process(maintenance_url)
+    assert code == 0, output
+    assert output.splitlines()[0] == f"deleted 1 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)"
     assert keys_of(app_url, user) == ["fresh"]
     with psycopg.connect(maintenance_url) as conn, pytest.raises(errors.InsufficientPrivilege):
         conn.execute("select count(*) from idempotency_key")
 
 
-def test_prune_with_the_database_down_says_so(own_cluster):
-    result = prune(f"postgresql://{OWNER_ROLE}:x@127.0.0.1:{free_port()}/chat")
-    assert result.returncode == 1
-    assert "database is unreachable" in result.stderr and "Traceback" not in result.stderr
+def test_prune_with_the_database_down_says_so():
+    code, output = prune_in_process(f"postgresql://{OWNER_ROLE}:x@127.0.0.1:{free_port()}/chat")
+    assert code == 1
+    assert "database is unreachable" in output and "Traceback" not in output
 
 
 def test_prune_rejects_a_bad_batch_size(own_cluster):
-    result = prune(own_cluster.url(OWNER_ROLE), "--batch-size", "0")
-    assert result.returncode == 2 and "--batch-size" in result.stderr
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE), "--batch-size", "0")
+    assert code == 2 and "--batch-size" in output
