@@ -47,7 +47,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
 
-    from . import chat, observability, service, tasks
+    from . import chat, observability, service, tasks, user_data
 
     observability.install(app)
     with app.app_context():
@@ -56,6 +56,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(user_data.bp)
 
     from .cli import register_commands
 

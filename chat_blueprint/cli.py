@@ -1,8 +1,11 @@
-"""Flask CLI commands: `flask --app wsgi mint-token USER_ID [--ttl SECONDS]`."""
+"""Flask CLI commands: `flask --app wsgi mint-token USER_ID [--ttl SECONDS]`
+and `flask --app wsgi prune [--batch-size N]`."""
 from __future__ import annotations
 
 import click
+import psycopg
 from flask import current_app
+from sqlalchemy import exc as sa_exc
 
 from .auth import mint_token
 from .config import ConfigError
@@ -23,3 +26,38 @@ def register_commands(app) -> None:
         if not user_id.strip():
             raise click.BadParameter("must not be blank", param_hint="USER_ID")
         click.echo(mint_token(settings.auth_secret, user_id, ttl))
+
+    @app.cli.command("prune")
+    @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
+                  help="rows deleted per transaction")
+    def prune_command(batch_size: int) -> None:
+        """Delete idempotency keys older than IDEMPOTENCY_TTL_S and idle rate-limit rows.
+
+        Run it with the owner's DATABASE_URL (the one `db upgrade` uses), or a
+        role the owner granted EXECUTE on the prune functions.
+        """
+        from . import data_rights
+        from .extensions import db
+
+        settings = current_app.config["SETTINGS"]
+        try:
+            pruned = data_rights.prune(db.engine, settings.idempotency_ttl_s, batch_size)
+        except sa_exc.DBAPIError as exc:
+            raise click.ClickException(_prune_failure(exc.orig)) from None
+        finally:
+            db.engine.dispose()
+        click.echo(f"deleted {pruned.idempotency_keys} expired idempotency keys "
+                   f"(older than IDEMPOTENCY_TTL_S={settings.idempotency_ttl_s} s)")
+        click.echo(f"deleted {pruned.rate_limits} idle rate-limit rows")
+
+
+def _prune_failure(error) -> str:
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return ("this database role may not prune: run prune with the owner's DATABASE_URL (the one "
+                "`flask --app wsgi db upgrade` uses), or have the owner GRANT EXECUTE on the prune functions")
+    if isinstance(error, psycopg.errors.UndefinedFunction):
+        return "the prune functions are missing: run `flask --app wsgi db upgrade` first"
+    if isinstance(error, psycopg.OperationalError):
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"the database is unreachable: {first_line}"
+    return f"prune failed: {type(error).__name__}"

@@ -193,6 +193,19 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     )
 
 
+def _user_data_paths(spec: APISpec) -> None:
+    export = _operation("exportUserData", "Download every row of the user as one JSON document", "200",
+                        "the user's tasks, conversations and their messages, written out as they are read",
+                        "Export", errors=("401", "403", "503"))
+    export["responses"]["200"]["headers"] = {
+        "Content-Disposition": _header('`attachment; filename="chat-export.json"`'),
+    }
+    spec.path(path="/api/{user_id}/export", parameters=[USER_ID], operations={"get": export})
+    spec.path(path="/api/{user_id}/data", parameters=[USER_ID], operations={"delete": _operation(
+        "eraseUserData", "Erase every row of the user in every table (the hook an account deletion calls)",
+        "204", "erased; also when there was nothing left to erase", errors=("401", "403", "503"))})
+
+
 def _service_paths(spec: APISpec) -> None:
     status = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"],
               "additionalProperties": False}
@@ -230,16 +243,17 @@ def _document(message_max_chars: int) -> dict:
         version="0.1.0",
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Chat, conversation history and tasks, "
+        info={"description": "Chat, conversation history, tasks and the user's data (export, erasure), "
                              "isolated per user by PostgreSQL row-level security."},
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     spec.components.schema("Task", schema=schemas.TaskSchema)
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
-    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage"):
+    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage", "Export"):
         spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
     _task_paths(spec)
     _chat_paths(spec, message_max_chars)
+    _user_data_paths(spec)
     _service_paths(spec)
     return spec.to_dict()

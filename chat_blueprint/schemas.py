@@ -209,3 +209,21 @@ class MessagePageQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
     cursor = _cursor()
     order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))
+
+
+# The user's data
+
+
+class ExportedConversationSchema(ConversationSchema):
+    messages = fields.List(fields.Nested(MessageSchema), required=True,
+                           metadata={"description": "every message of the conversation, oldest first"})
+
+
+class ExportSchema(Schema):
+    """GET /api/{user_id}/export: every row of the user, in one snapshot."""
+
+    user_id = fields.String(required=True)
+    exported_at = UtcDateTime(required=True, metadata={"description": "the moment of the snapshot the export reads"})
+    tasks = fields.List(fields.Nested(TaskSchema), required=True, metadata={"description": "newest first"})
+    conversations = fields.List(fields.Nested(ExportedConversationSchema), required=True,
+                                metadata={"description": "most recently updated first"})

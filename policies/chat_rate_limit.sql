@@ -9,9 +9,10 @@ CREATE POLICY chat_rate_limit_isolation ON chat_rate_limit
     USING (user_id = (SELECT nullif(current_setting('app.user_id', true), '')))
     WITH CHECK (user_id = (SELECT nullif(current_setting('app.user_id', true), '')));
 
--- The app role (chat.app_role, set by the migration from APP_DB_ROLE).
+-- The app role (chat.app_role, set by the migration from APP_DB_ROLE). DELETE
+-- is for erasing a user's data (DELETE /api/{user_id}/data), under the policy.
 DO $grant$
 BEGIN
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON chat_rate_limit TO %I', current_setting('chat.app_role'));
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON chat_rate_limit TO %I', current_setting('chat.app_role'));
 END
 $grant$;

@@ -24,12 +24,16 @@ def isolation_state(cluster) -> list:
         tables = conn.execute(
             "select relname, relrowsecurity, relforcerowsecurity from pg_class"
             " where relname = any(%s) and relkind = 'r' order by relname", (list(ISOLATED_TABLES),)).fetchall()
-        policies = conn.execute("select tablename, policyname from pg_policies order by tablename").fetchall()
+        policies = conn.execute(
+            "select tablename, policyname from pg_policies order by tablename, policyname").fetchall()
         grants = conn.execute(
             "select table_name, string_agg(privilege_type, ',' order by privilege_type)"
             " from information_schema.role_table_grants where grantee = %s group by table_name order by table_name",
             (APP_ROLE,)).fetchall()
-    return [tables, policies, grants]
+        functions = conn.execute(
+            "select proname, prosecdef, proacl::text from pg_proc"
+            " where pronamespace = 'public'::regnamespace order by proname").fetchall()
+    return [tables, policies, grants, functions]
 
 
 def test_upgrade_downgrade_upgrade_round_trip():
@@ -38,8 +42,12 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert [row[1:] for row in upgraded[0]] == [(True, True)] * len(ISOLATED_TABLES)
         assert {table for table, _ in upgraded[1]} == set(ISOLATED_TABLES)
         assert dict(upgraded[2])["message"] == "DELETE,INSERT,SELECT"
+        assert dict(upgraded[2])["chat_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
+        owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
+        assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
+                               ("prune_idempotency_keys", True, owner_only)]
         flask_db(cluster, "downgrade", "base")
-        assert isolation_state(cluster) == [[], [], []]
+        assert isolation_state(cluster) == [[], [], [], []]
         flask_db(cluster, "upgrade")
         assert isolation_state(cluster) == upgraded
         flask_db(cluster, "upgrade")  # nothing left to do: a second run changes nothing
