@@ -42,7 +42,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["isolation_verified"] = threading.Event()
     app.extensions["assistant"] = build_assistant(settings)
 
-    from .http import BigIntConverter
+    from .http import BigIntConverter, guard_bodies
 
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
@@ -50,6 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from . import chat, observability, service, tasks
 
     observability.install(app)
+    guard_bodies(app, MAX_BODY_BYTES)
     with app.app_context():
         observability.watch_pool(db.engine)
 

@@ -67,6 +67,8 @@ class ErrorDetailSchema(Schema):
     code = fields.String(required=True)
     message = fields.String(required=True)
     field_errors = fields.Dict(data_key="fields", metadata={"description": "per-field messages of a validation error"})
+    fields_omitted = fields.Integer(metadata={
+        "description": "on 422: how many more failing fields are not listed in `fields` (it is kept under 32 KiB)"})
     conversation_id = fields.UUID(
         metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
     user_message_id = fields.Integer(metadata={"description": "on 502/504 from /chat: the stored user message"})
