@@ -22,6 +22,8 @@ def _header(description: str) -> dict:
 
 
 RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying")}
+NEXT_PAGE = {"Link": {"description": 'present while more tasks follow: `<next page URL>; rel="next"`',
+                      "required": False, "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}
 ERRORS = {
     "400": ("the body is not valid JSON, or not a JSON object", {}),
     "401": ("missing, malformed, badly signed or expired bearer token",
@@ -88,10 +90,12 @@ def _links(pointer: str, parameter: str, *operation_ids: str) -> dict:
 
 
 def _operation(operation_id, summary, status, description, schema=None, *, errors, body=None, query=None,
-               parameters=(), links=None):
+               parameters=(), links=None, headers=None):
     ok = {"description": description}
     if schema is not None:
         ok["content"] = _json(schema)
+    if headers:
+        ok["headers"] = headers
     if links:
         ok["links"] = links
     operation = {
@@ -115,9 +119,9 @@ def _task_paths(spec: APISpec) -> None:
         path="/api/{user_id}/tasks",
         parameters=[USER_ID],
         operations={
-            "get": _operation("listTasks", "List tasks, newest first", "200", "the tasks",
-                              {"type": "array", "items": "Task"}, query=schemas.TaskListQuerySchema,
-                              errors=LIST_ERRORS),
+            "get": _operation("listTasks", "List tasks, newest first, a page at a time", "200",
+                              "a page of tasks (up to `limit`)", {"type": "array", "items": "Task"},
+                              query=schemas.TaskListQuerySchema, errors=LIST_ERRORS, headers=NEXT_PAGE),
             "post": _operation("addTask", "Add a task", "201", "the new task", "Task", body=schemas.TaskCreateSchema,
                                errors=set(BODY_ERRORS) - {"404"},
                                links=_links("/id", "task_id", "getTask", "updateTask", "toggleTask", "deleteTask")),
