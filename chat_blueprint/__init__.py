@@ -1,8 +1,6 @@
 """A todo app's AI chat assistant: the persistence and API layer."""
 from __future__ import annotations
 
-import threading
-
 from flask import Flask
 
 from . import tenancy
@@ -11,6 +9,7 @@ from .auth import TokenVerifier
 from .config import load_settings
 from .errors import register_error_handlers
 from .extensions import db, migrate
+from .isolation import IsolationWatch
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -39,7 +38,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     migrate.init_app(app, db, directory=_migrations_directory())
     tenancy.install()
     app.extensions["token_verifier"] = TokenVerifier.from_settings(settings)
-    app.extensions["isolation_verified"] = threading.Event()
+    app.extensions["isolation_watch"] = IsolationWatch(settings.isolation_check_interval_s)
     app.extensions["assistant"] = build_assistant(settings)
 
     from .http import BigIntConverter, guard_bodies

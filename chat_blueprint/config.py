@@ -38,6 +38,7 @@ class Settings:
     pool_timeout_s: float
     idempotency_ttl_s: int
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
+    isolation_check_interval_s: float = 60.0
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -167,6 +168,7 @@ def load_settings(env=None) -> Settings:
         pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
+        isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", 60.0),
     )
     if settings.assistant == "openai":
         if not settings.assistant_base_url:
