@@ -34,6 +34,9 @@ logconfig_dict = {
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"handlers": ["stdout"], "level": "WARNING"},
     "loggers": {
+        # The app's lines (access lines included) reach the root's handler by
+        # propagation, once: the package adds no handler of its own here.
+        "chat_blueprint": {"level": loglevel.upper(), "propagate": True},
         "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
         "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
     },

@@ -97,9 +97,15 @@ def test_refuses_to_serve_without_a_secret(app_url):
 def test_database_down_at_start_is_not_a_refusal():
     user = make_user()
     with gunicorn(f"postgresql://nobody:pw@127.0.0.1:{free_port()}/chat") as server:
-        response = requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=15)
+        response = requests.get(f"{server.url}/api/{user.id}/tasks",
+                                headers={**user.headers, "X-Request-ID": "db-down-1"}, timeout=15)
         assert response.status_code == 503 and "Retry-After" in response.headers
         assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert eventually_logged(server, '"request_id": "db-down-1", "method"')
+        time.sleep(0.3)
+        logged = [line for line in server.output().splitlines() if '"request_id": "db-down-1"' in line]
+        assert len(logged) == 2, logged  # the warning and the access line, once each
+        assert '"level": "WARNING"' in logged[0] and '"status": 503' in logged[1]
 
 
 def test_wsgi_imports_without_tables_or_secret():
