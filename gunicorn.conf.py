@@ -14,13 +14,21 @@ the assistant's HTTP client goes through gevent's patched sockets.
 
 Logs are JSON lines on stdout: the app writes one access line per request
 (with its request id), and gunicorn's own messages use the same format.
+
+What gunicorn refuses before the app sees a request (a request line it cannot
+parse, 414, 431, 501) it answers itself; those answers carry the API's JSON
+error shape too (see `_json_error` below).
 """
 import glob
+import http
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import gunicorn.util
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", str(2 * (os.cpu_count() or 1))))
@@ -34,6 +42,12 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
 backlog = 2048
 control_socket_disable = True
+# A Better Auth token carries the user's row in its claims: the app reads
+# tokens of up to 16 KiB, so a header line must fit one with room to spare
+# (gunicorn's default is 8190 bytes). A longer Authorization header reaches
+# the app and is a 401 there; only a line over this limit is gunicorn's 431.
+# gunicorn buffers at most limit_request_fields (100) lines of this size.
+limit_request_field_size = 24 * 1024
 accesslog = None
 loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = {
@@ -43,6 +57,9 @@ logconfig_dict = {
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"handlers": ["stdout"], "level": "WARNING"},
     "loggers": {
+        # The app's lines (access lines included) reach the root's handler by
+        # propagation, once: the package adds no handler of its own here.
+        "chat_blueprint": {"level": loglevel.upper(), "propagate": True},
         "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
         "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
     },
@@ -81,3 +98,30 @@ def child_exit(server, worker):
 def on_exit(server):
     if _own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+PROTOCOL_ERROR_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",
+                        431: "request_header_fields_too_large", 501: "not_implemented"}
+
+
+def _json_error(sock, status_int, reason, mesg):
+    """gunicorn's answer to a request it refused, in the API's error shape.
+
+    Every worker class (gthread, gevent, sync) answers such a request through
+    `Worker.handle_error`, which calls `gunicorn.util.write_error` to write an
+    HTML page; gunicorn has no setting for the format, so the function is
+    replaced here, in the master, before any worker is forked.
+    `tests/test_protocol_errors.py` holds gunicorn to it.
+    """
+    try:
+        phrase = http.HTTPStatus(status_int).phrase  # gunicorn's 501 says "Bad Request"
+    except ValueError:
+        phrase = reason
+    body = json.dumps({"error": {"code": PROTOCOL_ERROR_CODES.get(status_int, "internal_error"),
+                                 "message": (mesg or phrase)[:300]}}).encode()
+    head = (f"HTTP/1.1 {status_int} {phrase}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+gunicorn.util.write_error = _json_error

@@ -1,8 +1,6 @@
 """The app factory: `create_app()` builds the Flask app from the environment."""
 from __future__ import annotations
 
-import threading
-
 from flask import Flask
 
 from . import tenancy
@@ -11,6 +9,7 @@ from .auth import TokenVerifier
 from .config import load_settings
 from .errors import register_error_handlers
 from .extensions import db, migrate
+from .isolation import IsolationWatch
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -39,10 +38,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     migrate.init_app(app, db, directory=_migrations_directory())
     tenancy.install()
     app.extensions["token_verifier"] = TokenVerifier.from_settings(settings)
-    app.extensions["isolation_verified"] = threading.Event()
+    app.extensions["isolation_watch"] = IsolationWatch(settings.isolation_check_interval_s)
     app.extensions["assistant"] = build_assistant(settings)
 
-    from .http import BigIntConverter
+    from .http import BigIntConverter, guard_bodies
 
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
@@ -50,6 +49,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from . import chat, observability, service, tasks, user_data
 
     observability.install(app)
+    guard_bodies(app, MAX_BODY_BYTES)
     with app.app_context():
         observability.watch_pool(db.engine)
 

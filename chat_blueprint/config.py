@@ -39,6 +39,7 @@ class Settings:
     idempotency_ttl_s: int
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
     stream_keepalive_s: float = 15.0
+    isolation_check_interval_s: float = 60.0
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -169,6 +170,7 @@ def load_settings(env=None) -> Settings:
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
         stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", 15.0),
+        isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", 60.0),
     )
     if settings.stream_keepalive_s > 15:
         raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")

@@ -2,6 +2,7 @@
 `{"error": {"code": "<snake_case>", "message": "<human text>", ...}}`."""
 from __future__ import annotations
 
+import json
 import logging
 
 import psycopg
@@ -18,6 +19,12 @@ RETRY_AFTER_S = "2"
 # SQLAlchemy's wrappers of them (the ORM, `engine.connect()`), and a pool that
 # has no connection to give within DATABASE_POOL_TIMEOUT_S.
 DATABASE_ERRORS = (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+# A 422 lists the fields that failed, but never more than this many bytes of
+# them (as JSON), so a body of thousands of unknown keys cannot make an answer
+# larger than itself; the whole answer stays well under 64 KiB.
+FIELDS_BUDGET_BYTES = 32 * 1024
+FIELD_NAME_MAX_CHARS = 100
 
 
 class ApiError(Exception):
@@ -46,6 +53,24 @@ def error_response(status: int, code: str, message: str, headers=None, **extra):
     return response
 
 
+def bounded_fields(fields: dict) -> tuple[dict, int]:
+    """The field messages that fit FIELDS_BUDGET_BYTES, in order, with names
+    cut to FIELD_NAME_MAX_CHARS, and how many fields were left out."""
+    shown, used = {}, 2
+    for name, messages in fields.items():
+        name = str(name)
+        if len(name) > FIELD_NAME_MAX_CHARS:
+            name = name[:FIELD_NAME_MAX_CHARS] + "\u2026"
+        if name in shown:
+            continue
+        size = len(json.dumps({name: messages})) - 1
+        if used + size > FIELDS_BUDGET_BYTES:
+            break
+        shown[name] = messages
+        used += size
+    return shown, len(fields) - len(shown)
+
+
 def _snake(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
@@ -58,7 +83,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def validation_error(error: ValidationError):
         fields = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-        return error_response(422, "validation_failed", "the request has invalid fields", fields=fields)
+        shown, omitted = bounded_fields(fields)
+        if not omitted:
+            return error_response(422, "validation_failed", "the request has invalid fields", fields=shown)
+        return error_response(422, "validation_failed",
+                              f"the request has invalid fields; {omitted} more are not listed",
+                              fields=shown, fields_omitted=omitted)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

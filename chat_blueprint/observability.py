@@ -50,9 +50,16 @@ POOL_IN_USE = Gauge("db_pool_connections_in_use", "Database connections checked 
 
 
 def configure_logging() -> None:
-    """JSON lines on stdout for the package's loggers (once per process)."""
+    """JSON lines on stdout for the package's loggers, written once each.
+
+    Under gunicorn, gunicorn.conf.py's logging configuration gives the root
+    logger the JSON stdout handler, and the package's records reach it by
+    propagation; a handler of the package's own would write each line a
+    second time. Only where nothing is configured (`flask run`, a script)
+    does the package get a handler of its own.
+    """
     logger = logging.getLogger(LOGGER)
-    if not any(isinstance(handler.formatter, JsonFormatter) for handler in logger.handlers):
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)

@@ -22,26 +22,31 @@ def _header(description: str) -> dict:
 
 
 RETRY_AFTER = {"Retry-After": _header("seconds to wait before retrying")}
+NEXT_PAGE = {"Link": {"description": 'present while more tasks follow: `<next page URL>; rel="next"`',
+                      "required": False, "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}
 ERRORS = {
-    "400": ("the body is not valid JSON, or not a JSON object", {}),
+    "400": ("the body is not valid JSON, or not a JSON object, or its chunked framing is malformed", {}),
     "401": ("missing, malformed, badly signed or expired bearer token",
             {"WWW-Authenticate": _header("`Bearer`")}),
     "403": ("the token belongs to another user than the one in the path", {}),
     "404": ("no such resource for this user (another user's resource is indistinguishable from a missing one)", {}),
     "409": ("the first request with this Idempotency-Key is still running", RETRY_AFTER),
-    "413": ("the body is over 1 MiB", {}),
+    "413": ("the body is over 1 MiB (by Content-Length or chunked; never cut)", {}),
     "415": ("the body is not application/json", {}),
-    "422": ("a field fails validation; error.fields says which", {}),
+    "422": ("a field fails validation; error.fields says which (at most 32 KiB of them; error.fields_omitted "
+            "counts the rest)", {}),
     "429": ("over the per-user chat rate limit (CHAT_RATE_LIMIT, off unless set)", RETRY_AFTER),
     "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation", {}),
     "503": ("the database is unavailable", RETRY_AFTER),
     "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
 }
-_HTML = {"text/html": {"schema": {"type": "string"}}}
-# Answered by the HTTP server (gunicorn) before the app sees the request, to any route.
+# Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app
+# sees the request, to any route, in the same JSON error shape.
 SERVER_LIMITS = {
-    "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)", "content": _HTML},
-    "431": {"description": "a header field is over the HTTP server's limit (8190 bytes)", "content": _HTML},
+    "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)",
+            "content": {"application/json": {"schema": "Error"}}},
+    "431": {"description": "a header line is over the HTTP server's limit (24 KiB), or there are over 100 of them",
+            "content": {"application/json": {"schema": "Error"}}},
 }
 
 USER_ID = {"name": "user_id", "in": "path", "required": True,
@@ -88,10 +93,12 @@ def _links(pointer: str, parameter: str, *operation_ids: str) -> dict:
 
 
 def _operation(operation_id, summary, status, description, schema=None, *, errors, body=None, query=None,
-               parameters=(), links=None):
+               parameters=(), links=None, headers=None):
     ok = {"description": description}
     if schema is not None:
         ok["content"] = _json(schema)
+    if headers:
+        ok["headers"] = headers
     if links:
         ok["links"] = links
     operation = {
@@ -115,9 +122,9 @@ def _task_paths(spec: APISpec) -> None:
         path="/api/{user_id}/tasks",
         parameters=[USER_ID],
         operations={
-            "get": _operation("listTasks", "List tasks, newest first", "200", "the tasks",
-                              {"type": "array", "items": "Task"}, query=schemas.TaskListQuerySchema,
-                              errors=LIST_ERRORS),
+            "get": _operation("listTasks", "List tasks, newest first, a page at a time", "200",
+                              "a page of tasks (up to `limit`)", {"type": "array", "items": "Task"},
+                              query=schemas.TaskListQuerySchema, errors=LIST_ERRORS, headers=NEXT_PAGE),
             "post": _operation("addTask", "Add a task", "201", "the new task", "Task", body=schemas.TaskCreateSchema,
                                errors=set(BODY_ERRORS) - {"404"},
                                links=_links("/id", "task_id", "getTask", "updateTask", "toggleTask", "deleteTask")),

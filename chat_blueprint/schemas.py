@@ -11,6 +11,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
 TITLE_PREVIEW_CHARS = 80
+TASK_PAGE_MAX = 1000
 
 # What `str.strip()` removes (every such character is below U+3001), and the
 # JSON Schema patterns that say in the OpenAPI document what `Text` accepts.
@@ -67,6 +68,8 @@ class ErrorDetailSchema(Schema):
     code = fields.String(required=True)
     message = fields.String(required=True)
     field_errors = fields.Dict(data_key="fields", metadata={"description": "per-field messages of a validation error"})
+    fields_omitted = fields.Integer(metadata={
+        "description": "on 422: how many more failing fields are not listed in `fields` (it is kept under 32 KiB)"})
     conversation_id = fields.UUID(
         metadata={"description": "on 502/504 from /chat: the conversation holding the stored message"})
     user_message_id = fields.Integer(metadata={"description": "on 502/504 from /chat: the stored user message"})
@@ -105,10 +108,6 @@ class TaskUpdateSchema(StrictSchema):
     def at_least_one(self, data, **kwargs):
         if not data:
             raise ValidationError("Give title, description, or both.", "_schema")
-
-
-class TaskListQuerySchema(QuerySchema):
-    status = fields.String(load_default="all", validate=validate.OneOf(TASK_STATUSES))
 
 
 # Chat and conversations
@@ -194,10 +193,16 @@ class MessagePageSchema(Schema):
     next_cursor = fields.String(required=True, allow_none=True)
 
 
-def _cursor():
+def _cursor(description="the next_cursor of the previous page"):
     # A callable default keeps `null` out of the document: a query string cannot carry one.
     return Text(load_default=lambda: None, allow_none=False, validate=validate.Length(max=200),
-                metadata={"pattern": "^[A-Za-z0-9_-]+$", "description": "the next_cursor of the previous page"})
+                metadata={"pattern": "^[A-Za-z0-9_-]+$", "description": description})
+
+
+class TaskListQuerySchema(QuerySchema):
+    status = fields.String(load_default="all", validate=validate.OneOf(TASK_STATUSES))
+    limit = fields.Integer(load_default=TASK_PAGE_MAX, validate=validate.Range(min=1, max=TASK_PAGE_MAX))
+    cursor = _cursor(description="the cursor of the previous page's `Link: <...>; rel=\"next\"` URL")
 
 
 class PageQuerySchema(QuerySchema):

@@ -1,7 +1,7 @@
 """Service routes: liveness, readiness, and the OpenAPI document."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from .isolation import IsolationNotInForce, check_now
 
@@ -17,8 +17,10 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     """200 when the database answers and isolation is in force, else 503 with
-    the reason (a database that does not answer goes to the 503 handler)."""
+    the reason (a database that does not answer goes to the 503 handler).
+    The verdict also becomes this process's, so the API follows it at once."""
     problems = check_now()
+    current_app.extensions["isolation_watch"].record(problems)
     if problems:
         raise IsolationNotInForce(problems)
     return {"status": "ready"}

@@ -5,9 +5,10 @@ filter serves the `(user_id, created_at)` index, and the policy is the guarantee
 """
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from . import cursors
 from .errors import ApiError
 from .models import Task
 
@@ -17,13 +18,22 @@ class TaskNotFound(ApiError):
         super().__init__(404, "task_not_found", "no such task")
 
 
-def list_tasks(session: Session, user_id: str, status: str = "all") -> list[Task]:
-    query = select(Task).where(Task.user_id == user_id).order_by(Task.created_at.desc(), Task.id.desc())
+def list_tasks(session: Session, user_id: str, status: str = "all", limit: int = 1000,
+               cursor: str | None = None) -> tuple[list[Task], str | None]:
+    """A page of the user's tasks, newest first, keyset-paginated on
+    (created_at, id) along the `(user_id, created_at, id)` index, and the
+    cursor of the next page (None on the last)."""
+    query = select(Task).where(Task.user_id == user_id)
     if status != "all":
         query = query.where(Task.completed.is_(status == "completed"))
+    if cursor is not None:
+        created_at, task_id = cursors.decode_task(cursor)
+        query = query.where(tuple_(Task.created_at, Task.id) < tuple_(created_at, task_id))
+    query = query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
     tasks = list(session.scalars(query))
     session.commit()
-    return tasks
+    page, more = tasks[:limit], len(tasks) > limit
+    return page, (cursors.encode_task(page[-1].created_at, page[-1].id) if more else None)
 
 
 def add_task(session: Session, user_id: str, title: str, description: str | None) -> Task:

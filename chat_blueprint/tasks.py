@@ -1,7 +1,7 @@
 """Task routes (the Basic Level todo API). Thin: parse, call, serialise."""
 from __future__ import annotations
 
-from flask import g
+from flask import g, jsonify, url_for
 
 from . import task_service
 from .extensions import db
@@ -16,9 +16,18 @@ tasks_schema = TaskSchema(many=True)
 
 @bp.get("/tasks")
 def list_tasks():
-    """The user's tasks, newest first, optionally only pending or completed ones."""
-    status = query_args(TaskListQuerySchema())["status"]
-    return tasks_schema.dump(task_service.list_tasks(db.session, g.user_id, status))
+    """The user's tasks, newest first, optionally only pending or completed
+    ones, `limit` at a time; a `Link: <...>; rel="next"` header names the next
+    page while more follow (the body stays a plain JSON array)."""
+    args = query_args(TaskListQuerySchema())
+    page, next_cursor = task_service.list_tasks(db.session, g.user_id, args["status"], args["limit"],
+                                                args["cursor"])
+    response = jsonify(tasks_schema.dump(page))
+    if next_cursor is not None:
+        next_url = url_for("tasks.list_tasks", user_id=g.path_user_id, status=args["status"], limit=args["limit"],
+                           cursor=next_cursor, _external=True)
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return response
 
 
 @bp.post("/tasks")

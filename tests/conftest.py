@@ -224,3 +224,65 @@ def assert_burst_stored(app_url: str, user: User, conversation_id: str, answers:
         assert by_id[answer["assistant_message_id"]][3] == answer["user_message_id"]
         assert answer["response"].startswith(f"turn {by_id[answer['user_message_id']][4]}:")
     assert sorted(by_id[a["user_message_id"]][4] for a in answers) == list(range(2, burst + 2))
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict
+    body: bytes
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def raw_exchange(url: str, parts, timeout_s: float = 30.0) -> RawResponse:
+    """Send bytes exactly as given (`parts`, an iterable of request line,
+    headers and body pieces, produced lazily if it is a generator) over a
+    fresh TCP connection, and read one response.
+
+    The parts go out from another thread while the response is read, so a
+    server that answers before the body is all sent (a 413) is heard, and a
+    connection it closes early ends only the sending.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    sock = socket.create_connection((address.hostname, address.port), timeout=timeout_s)
+
+    def send():
+        try:
+            for part in parts:
+                sock.sendall(part)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            data = sock.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed before a response; got {received!r}")
+            received += data
+        head, _, body = received.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            data = sock.recv(65536)
+            if not data:
+                break
+            body += data
+        return RawResponse(int(status_line.split()[1]), headers, body[:length])
+    finally:
+        sock.close()
+        sender.join(timeout_s)

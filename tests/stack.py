@@ -12,6 +12,7 @@ it exits. A missing program is an error naming the package, never a skip.
 """
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -191,6 +192,35 @@ class Balancer:
     service: Service
 
 
+# What nginx answers itself (a request it cannot parse, a header or request
+# line over large_client_header_buffers, a body over client_max_body_size, no
+# upstream answering) in the API's JSON error shape instead of its HTML pages.
+# A `=code` URI error page works for a request whose line nginx could not
+# parse, where a named location (`@name`) gives a 500. docs/operations.md
+# shows the block this writes.
+NGINX_ERRORS = {  # nginx's status: (status answered, code, message)
+    400: (400, "bad_request", "not a valid HTTP request"),
+    494: (431, "request_header_fields_too_large", "a header field is over 32 KiB"),
+    414: (414, "uri_too_long", "the request line is over 32 KiB"),
+    413: (413, "request_entity_too_large", "the body is over 2 MiB"),
+    502: (502, "bad_gateway", "no app instance answered"),
+    504: (504, "gateway_timeout", "no app instance answered in time"),
+}
+
+
+def nginx_json_errors(indent: str = "        ") -> str:
+    lines = []
+    for status, (answered, code, message) in NGINX_ERRORS.items():
+        body = json.dumps({"error": {"code": code, "message": message}})
+        lines += [f"error_page {status} ={answered} /_errors/{answered}.json;",
+                  f"location = /_errors/{answered}.json {{",
+                  "    internal;",
+                  "    default_type application/json;",
+                  f"    return {answered} '{body}';",
+                  "}"]
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
 @contextmanager
 def nginx(upstreams: list[str]):
     """nginx on a free loopback port, balancing round robin over `upstreams`
@@ -224,7 +254,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size 2m;
-
+        large_client_header_buffers 4 32k;
+{nginx_json_errors()}
         location / {{
             proxy_pass http://chat_app;
             proxy_http_version 1.1;

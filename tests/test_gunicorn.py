@@ -6,7 +6,7 @@ import sys
 import time
 
 import requests
-from conftest import ROOT, gunicorn, make_user
+from conftest import ROOT, connect, gunicorn, make_user
 
 from chat_blueprint.devcluster import free_port
 
@@ -26,6 +26,25 @@ def test_task_round_trip_over_http(app_url):
         assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
         assert eventually_logged(server, f'"path": "/api/{user.id}/tasks", "status": 201')
         assert user.token not in server.output()
+
+
+def test_a_user_with_twenty_thousand_tasks_gets_pages_of_a_thousand(app_url):
+    """The finding: 20,000 tasks made `GET /tasks` answer 27 MB at once."""
+    user = make_user()
+    with connect(app_url, user.id) as conn:
+        conn.execute("insert into task (user_id, title) select %s, 'task ' || n"
+                     " from generate_series(1, 20000) n", (user.id,))
+        conn.commit()
+    with gunicorn(app_url, threads=4) as server:
+        url, pages, seen = f"{server.url}/api/{user.id}/tasks", 0, set()
+        while url:
+            response = requests.get(url, headers=user.headers, timeout=30)
+            assert response.status_code == 200 and len(response.json()) <= 1000
+            seen.update(task["id"] for task in response.json())
+            pages += 1
+            url = response.links.get("next", {}).get("url")
+            assert url is None or url.startswith(f"{server.url}/api/{user.id}/tasks?")
+    assert pages == 20 and len(seen) == 20_000
 
 
 def eventually_logged(server, line: str, timeout_s: float = 10.0) -> bool:
@@ -78,9 +97,15 @@ def test_refuses_to_serve_without_a_secret(app_url):
 def test_database_down_at_start_is_not_a_refusal():
     user = make_user()
     with gunicorn(f"postgresql://nobody:pw@127.0.0.1:{free_port()}/chat") as server:
-        response = requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=15)
+        response = requests.get(f"{server.url}/api/{user.id}/tasks",
+                                headers={**user.headers, "X-Request-ID": "db-down-1"}, timeout=15)
         assert response.status_code == 503 and "Retry-After" in response.headers
         assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        assert eventually_logged(server, '"request_id": "db-down-1", "method"')
+        time.sleep(0.3)
+        logged = [line for line in server.output().splitlines() if '"request_id": "db-down-1"' in line]
+        assert len(logged) == 2, logged  # the warning and the access line, once each
+        assert '"level": "WARNING"' in logged[0] and '"status": 503' in logged[1]
 
 
 def test_wsgi_imports_without_tables_or_secret():

@@ -44,6 +44,21 @@ def test_every_log_line_is_json(server):
     assert lines and all(json.loads(line) for line in lines)
 
 
+def test_each_request_is_one_line_of_the_log(server):
+    """The finding: every line was written twice under gunicorn (the package's
+    own handler, and the root's through propagation)."""
+    user = make_user()
+    request_ids = [f"once-{n}-{user.id}" for n in range(5)]
+    for request_id in request_ids:
+        requests.get(f"{server.url}/api/{user.id}/tasks", headers={**user.headers, "X-Request-ID": request_id},
+                     timeout=10)
+    wait_for_log(server, lambda e: e.get("request_id") == request_ids[-1])
+    time.sleep(0.5)
+    for request_id in request_ids:
+        assert [e["logger"] for e in json_lines(server) if e.get("request_id") == request_id] == [
+            "chat_blueprint.access"]
+
+
 def test_a_valid_incoming_request_id_is_kept_and_logged(server):
     user = make_user()
     response = requests.get(f"{server.url}/api/{user.id}/tasks",

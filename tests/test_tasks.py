@@ -2,6 +2,8 @@
 on the real database as the app role."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import connect
 
@@ -177,3 +179,85 @@ def test_wrong_method_is_405_json(client, alice):
 def test_unknown_route_is_404_json(client):
     response = client.get("/nowhere")
     assert response.status_code == 404 and response.is_json
+
+
+def insert_tasks(app_url, user, count: int, *, completed_every: int = 0) -> None:
+    """`count` tasks straight into the table as the app role (faster than the API)."""
+    with connect(app_url, user.id) as conn:
+        conn.execute("insert into task (user_id, title, completed)"
+                     " select %s, 'task ' || n, %s > 0 and n %% greatest(%s, 1) = 0 from generate_series(1, %s) n",
+                     (user.id, completed_every, completed_every, count))
+        conn.commit()
+
+
+def next_link(response) -> str | None:
+    """The URL of `Link: <URL>; rel="next"`, or None without one."""
+    link = response.headers.get("Link")
+    if link is None:
+        return None
+    match = re.fullmatch(r'<([^>]+)>; rel="next"', link)
+    assert match, link
+    return match.group(1)
+
+
+def follow(client, user, url):
+    """Every page from `url` on, by the Link headers: (ids in order, page sizes)."""
+    ids, sizes = [], []
+    while url:
+        response = client.get(url, headers=user.headers)
+        assert response.status_code == 200 and isinstance(response.get_json(), list)
+        ids += [task["id"] for task in response.get_json()]
+        sizes.append(len(response.get_json()))
+        url = next_link(response)
+        assert url is None or url.startswith("http://localhost/api/")
+    return ids, sizes
+
+
+def all_ids_newest_first(app_url, user, where: str = "true") -> list[int]:
+    with connect(app_url, user.id) as conn:
+        return [row[0] for row in conn.execute(f"select id from task where {where} order by created_at desc, id desc")]
+
+
+def test_the_task_list_is_paged_by_link_headers(client, alice, app_url):
+    insert_tasks(app_url, alice, 7)
+    add(client, alice, title="newest")
+    ids, sizes = follow(client, alice, f"/api/{alice.id}/tasks?limit=3")
+    assert ids == all_ids_newest_first(app_url, alice) and sizes == [3, 3, 2]
+
+
+def test_a_page_keeps_the_status_filter(client, alice, app_url):
+    insert_tasks(app_url, alice, 10, completed_every=3)
+    ids, sizes = follow(client, alice, f"/api/{alice.id}/tasks?status=completed&limit=2")
+    assert ids == all_ids_newest_first(app_url, alice, "completed") and sizes == [2, 1]
+    ids, _ = follow(client, alice, f"/api/{alice.id}/tasks?status=pending&limit=4")
+    assert ids == all_ids_newest_first(app_url, alice, "not completed")
+
+
+def test_the_default_page_is_a_thousand_tasks(client, alice, app_url):
+    insert_tasks(app_url, alice, 1001)
+    first = client.get(f"/api/{alice.id}/tasks", headers=alice.headers)
+    assert len(first.get_json()) == 1000 and "limit=1000" in next_link(first)
+    ids, sizes = follow(client, alice, f"/api/{alice.id}/tasks")
+    assert sizes == [1000, 1] and len(set(ids)) == 1001
+
+
+def test_a_full_last_page_has_no_link(client, alice, app_url):
+    insert_tasks(app_url, alice, 4)
+    response = client.get(f"/api/{alice.id}/tasks?limit=4", headers=alice.headers)
+    assert len(response.get_json()) == 4 and "Link" not in response.headers
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=abc", "cursor=WzFd",
+                                   "cursor=WyIyMDI2LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwiYSJd"])
+def test_bad_task_page_queries_are_422(client, alice, query):
+    response = client.get(f"/api/{alice.id}/tasks?{query}", headers=alice.headers)
+    assert response.status_code == 422
+    assert set(response.get_json()["error"]["fields"]) <= {"limit", "cursor"}
+
+
+def test_a_cursor_pages_only_its_users_tasks(client, alice, bob, app_url):
+    insert_tasks(app_url, alice, 3)
+    insert_tasks(app_url, bob, 3)
+    cursor = next_link(client.get(f"/api/{alice.id}/tasks?limit=1", headers=alice.headers)).split("cursor=")[1]
+    page = client.get(f"/api/{bob.id}/tasks?cursor={cursor}", headers=bob.headers).get_json()
+    assert {task["user_id"] for task in page} <= {bob.id}

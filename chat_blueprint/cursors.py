@@ -1,0 +1,108 @@
+"""Page cursors: the one place they are written and read.
+
+A cursor is the unpadded base64url of a compact JSON array holding the sort
+key of the last row of a page. It is opaque to clients, and a client can send
+anything back: each decoder accepts exactly what its encoder writes (the right
+number of values, of the right types, in range) and answers anything else with
+`InvalidCursor`, a 422, never another exception. Cursors are not signed: a
+forged one can only move a user's own page, since every query it feeds is
+filtered by the user and by row-level security.
+
+- conversations, most recently updated first: `[updated_at, id]`
+  (ISO 8601 with an offset, UUID string);
+- messages, in id order either way: `[id]`;
+- tasks, newest first: `[created_at, id]` (ISO 8601 with an offset, integer).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime, timezone
+
+from .errors import ApiError
+from .models import BIGINT_MAX
+
+
+class InvalidCursor(ApiError):
+    def __init__(self):
+        super().__init__(422, "validation_failed", "the request has invalid fields",
+                         fields={"cursor": ["Not a cursor returned by this API."]})
+
+
+def _encode(*values) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode(cursor: str, arity: int) -> list:
+    """The JSON array of `arity` values a cursor holds."""
+    if not isinstance(cursor, str):
+        raise InvalidCursor()
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError, binascii.Error, RecursionError):
+        raise InvalidCursor() from None
+    if not isinstance(values, list) or len(values) != arity:
+        raise InvalidCursor()
+    return values
+
+
+def _row_id(value) -> int:
+    """A bigint id (a JSON integer, not a boolean, within bigint's range)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= BIGINT_MAX:
+        raise InvalidCursor()
+    return value
+
+
+def _timestamp(value) -> datetime:
+    """An ISO 8601 time with an offset, as a UTC datetime."""
+    if not isinstance(value, str):
+        raise InvalidCursor()
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise InvalidCursor()
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise InvalidCursor() from None
+
+
+def _uuid(value) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise InvalidCursor()
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidCursor() from None
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+def encode_conversation(updated_at: datetime, conversation_id: uuid.UUID) -> str:
+    return _encode(_utc_text(updated_at), str(conversation_id))
+
+
+def decode_conversation(cursor: str) -> tuple[datetime, uuid.UUID]:
+    updated_at, conversation_id = _decode(cursor, 2)
+    return _timestamp(updated_at), _uuid(conversation_id)
+
+
+def encode_message(message_id: int) -> str:
+    return _encode(message_id)
+
+
+def decode_message(cursor: str) -> int:
+    (message_id,) = _decode(cursor, 1)
+    return _row_id(message_id)
+
+
+def encode_task(created_at: datetime, task_id: int) -> str:
+    return _encode(_utc_text(created_at), task_id)
+
+
+def decode_task(cursor: str) -> tuple[datetime, int]:
+    created_at, task_id = _decode(cursor, 2)
+    return _timestamp(created_at), _row_id(task_id)
