@@ -25,6 +25,9 @@ graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "60"))
 keepalive = 5
 backlog = 2048
 control_socket_disable = True
+# Better Auth puts the whole user row in its JWTs: the app reads tokens up to
+# 16 KiB and answers a longer Authorization header itself (401 in JSON).
+limit_request_field_size = 32768
 accesslog = None
 loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = {

@@ -41,7 +41,7 @@ _HTML = {"text/html": {"schema": {"type": "string"}}}
 # Answered by the HTTP server (gunicorn) before the app sees the request, to any route.
 SERVER_LIMITS = {
     "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)", "content": _HTML},
-    "431": {"description": "a header field is over the HTTP server's limit (8190 bytes)", "content": _HTML},
+    "431": {"description": "a header field is over the HTTP server's limit (32768 bytes)", "content": _HTML},
 }
 
 USER_ID = {"name": "user_id", "in": "path", "required": True,
