@@ -38,6 +38,7 @@ class Settings:
     pool_timeout_s: float
     idempotency_ttl_s: int
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
+    cors_origins: tuple[str, ...] | None = None  # ("*",) for every origin
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -138,6 +139,33 @@ def _http_url(env, name):
     return raw
 
 
+def _origins(env, name):
+    """Comma-separated origins (scheme, host, optional port) or `*`; unset means no CORS."""
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    if entries == ["*"]:
+        return ("*",)
+    origins = []
+    for entry in entries:
+        if entry == "*":
+            raise ConfigError(f"{name} is either '*' or a list of origins, not both")
+        parts = urlsplit(entry)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")
+                or parts.query or parts.fragment or "@" in parts.netloc or entry.endswith(("?", "#"))):
+            raise ConfigError(f"{name} must be comma-separated origins like https://app.example.com or "
+                              f"http://localhost:3000 (no path), or '*'; got {entry!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    if not origins:
+        raise ConfigError(f"{name} names no origin; unset it for no CORS")
+    return tuple(dict.fromkeys(origins))
+
+
 def load_settings(env=None) -> Settings:
     """Read and validate every setting; raise ConfigError on the first problem."""
     env = os.environ if env is None else env
@@ -167,6 +195,7 @@ def load_settings(env=None) -> Settings:
         pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
         idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
+        cors_origins=_origins(env, "CORS_ORIGINS"),
     )
     if settings.assistant == "openai":
         if not settings.assistant_base_url:
