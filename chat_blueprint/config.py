@@ -46,9 +46,18 @@ class Settings:
             raise ConfigError(
                 "BETTER_AUTH_SECRET is not set (required to verify tokens unless BETTER_AUTH_JWKS_URL is set)")
 
-    def require_secret(self) -> None:
-        if not self.auth_secret:
-            raise ConfigError("BETTER_AUTH_SECRET is not set (required to mint HS256 tokens)")
+
+def read_auth_secret(env=None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("BETTER_AUTH_SECRET") or None
+
+
+def required_auth_secret(env=None) -> str:
+    """The HS256 secret alone, for commands that need nothing else (`mint-token`)."""
+    secret = read_auth_secret(env)
+    if not secret:
+        raise ConfigError("BETTER_AUTH_SECRET is not set (required to mint HS256 tokens)")
+    return secret
 
 
 def normalize_database_url(url: str) -> str:
@@ -178,7 +187,7 @@ def load_settings(env=None) -> Settings:
     settings = Settings(
         database_url=normalize_database_url(database_url),
         app_db_role=_get(env, "APP_DB_ROLE", "chat_app"),
-        auth_secret=env.get("BETTER_AUTH_SECRET") or None,
+        auth_secret=read_auth_secret(env),
         jwks_url=_http_url(env, "BETTER_AUTH_JWKS_URL"),
         jwt_issuer=_get(env, "JWT_ISSUER"),
         jwt_audience=_get(env, "JWT_AUDIENCE"),
