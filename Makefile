@@ -4,10 +4,18 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test test-deps install postgres bench fuzz clean
+.PHONY: run token test test-deps install postgres bench fuzz clean
 
 run: install postgres
-	$(PY) -m chat_blueprint.devcluster run
+	@$(PY) -m chat_blueprint.devcluster run
+
+# `make token USER=alice` prints export lines with a token for alice, signed
+# with the secret `make run` uses. USER given on the command line only (the
+# shell's own USER is not meant).
+TOKEN_USER := $(if $(filter command line,$(origin USER)),$(USER),dev-user)
+
+token: install
+	@$(PY) -m chat_blueprint.devcluster token '$(TOKEN_USER)'
 
 test: install postgres test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,13 @@
 """Flask CLI commands: `flask --app wsgi mint-token USER_ID [--ttl SECONDS]`
-and `flask --app wsgi prune [--batch-size N]`."""
+and `flask --app wsgi prune [--batch-size N]`.
+
+`mint-token` is a plugin command (the `flask.commands` entry point in
+setup.cfg), so Flask runs it without loading the app: it needs
+`BETTER_AUTH_SECRET` and nothing else, no `DATABASE_URL`.
+"""
 from __future__ import annotations
+
+import warnings
 
 import click
 import psycopg
@@ -8,24 +15,31 @@ from flask import current_app
 from sqlalchemy import exc as sa_exc
 
 from .auth import mint_token
-from .config import ConfigError
+from .config import ConfigError, required_auth_secret
+
+
+@click.command("mint-token")
+@click.argument("user_id")
+@click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1, 10 * 365 * 86400),
+              help="lifetime of the token in seconds")
+def mint_token_command(user_id: str, ttl: int) -> None:
+    """Print an HS256 token for USER_ID signed with BETTER_AUTH_SECRET."""
+    try:
+        secret = required_auth_secret()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not user_id.strip():
+        raise click.BadParameter("must not be blank", param_hint="USER_ID")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        token = mint_token(secret, user_id, ttl)
+    if caught:
+        click.echo("warning: BETTER_AUTH_SECRET is shorter than 32 bytes; use a long random secret", err=True)
+    click.echo(token)
 
 
 def register_commands(app) -> None:
-    @app.cli.command("mint-token")
-    @click.argument("user_id")
-    @click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1, 10 * 365 * 86400),
-                  help="lifetime of the token in seconds")
-    def mint_token_command(user_id: str, ttl: int) -> None:
-        """Print an HS256 token for USER_ID signed with BETTER_AUTH_SECRET."""
-        settings = current_app.config["SETTINGS"]
-        try:
-            settings.require_secret()
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
-        if not user_id.strip():
-            raise click.BadParameter("must not be blank", param_hint="USER_ID")
-        click.echo(mint_token(settings.auth_secret, user_id, ttl))
+    """Commands that need the app (and its settings) go here."""
 
     @app.cli.command("prune")
     @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
@@ -61,3 +75,4 @@ def _prune_failure(error) -> str:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return f"the database is unreachable: {first_line}"
     return f"prune failed: {type(error).__name__}"
+

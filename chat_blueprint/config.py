@@ -40,6 +40,7 @@ class Settings:
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
     stream_keepalive_s: float = 15.0
     isolation_check_interval_s: float = 60.0
+    cors_origins: tuple[str, ...] | None = None  # ("*",) for every origin
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -47,9 +48,18 @@ class Settings:
             raise ConfigError(
                 "BETTER_AUTH_SECRET is not set (required to verify tokens unless BETTER_AUTH_JWKS_URL is set)")
 
-    def require_secret(self) -> None:
-        if not self.auth_secret:
-            raise ConfigError("BETTER_AUTH_SECRET is not set (required to mint HS256 tokens)")
+
+def read_auth_secret(env=None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("BETTER_AUTH_SECRET") or None
+
+
+def required_auth_secret(env=None) -> str:
+    """The HS256 secret alone, for commands that need nothing else (`mint-token`)."""
+    secret = read_auth_secret(env)
+    if not secret:
+        raise ConfigError("BETTER_AUTH_SECRET is not set (required to mint HS256 tokens)")
+    return secret
 
 
 def normalize_database_url(url: str) -> str:
@@ -140,6 +150,33 @@ def _http_url(env, name):
     return raw
 
 
+def _origins(env, name):
+    """Comma-separated origins (scheme, host, optional port) or `*`; unset means no CORS."""
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    if entries == ["*"]:
+        return ("*",)
+    origins = []
+    for entry in entries:
+        if entry == "*":
+            raise ConfigError(f"{name} is either '*' or a list of origins, not both")
+        parts = urlsplit(entry)
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")
+                or parts.query or parts.fragment or "@" in parts.netloc or entry.endswith(("?", "#"))):
+            raise ConfigError(f"{name} must be comma-separated origins like https://app.example.com or "
+                              f"http://localhost:3000 (no path), or '*'; got {entry!r}")
+        origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+    if not origins:
+        raise ConfigError(f"{name} names no origin; unset it for no CORS")
+    return tuple(dict.fromkeys(origins))
+
+
 def load_settings(env=None) -> Settings:
     """Read and validate every setting; raise ConfigError on the first problem."""
     env = os.environ if env is None else env
@@ -152,7 +189,7 @@ def load_settings(env=None) -> Settings:
     settings = Settings(
         database_url=normalize_database_url(database_url),
         app_db_role=_get(env, "APP_DB_ROLE", "chat_app"),
-        auth_secret=env.get("BETTER_AUTH_SECRET") or None,
+        auth_secret=read_auth_secret(env),
         jwks_url=_http_url(env, "BETTER_AUTH_JWKS_URL"),
         jwt_issuer=_get(env, "JWT_ISSUER"),
         jwt_audience=_get(env, "JWT_AUDIENCE"),
@@ -171,6 +208,7 @@ def load_settings(env=None) -> Settings:
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
         stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", 15.0),
         isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", 60.0),
+        cors_origins=_origins(env, "CORS_ORIGINS"),
     )
     if settings.stream_keepalive_s > 15:
         raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")

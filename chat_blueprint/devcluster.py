@@ -6,10 +6,12 @@ user (`initdb` refuses root), listens on 127.0.0.1 only, and creates two roles:
 the owner, who runs migrations, and the app role, who serves with row-level
 security in force. Nothing here is used in production.
 
-    python -m chat_blueprint.devcluster run     # what `make run` does
+    python -m chat_blueprint.devcluster run          # what `make run` does
+    python -m chat_blueprint.devcluster token alice  # what `make token USER=alice` does
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -19,12 +21,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
+
+from .auth import mint_token
 
 DATABASE = "chat"
 OWNER_ROLE = "chat_owner"
@@ -189,26 +195,103 @@ def dev_secret(root: Path) -> str:
     return path.read_text().strip()
 
 
+DEV_USER = "dev-user"
+DEV_TOKEN_TTL_S = 86_400
+
+
+def _port(name: str, default: int) -> int:
+    raw = os.environ.get(name) or str(default)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ClusterError(f"{name} must be a TCP port number, got {raw!r}")
+    return int(raw)
+
+
+def require_free_port(host: str, port: int, variable: str) -> None:
+    """Fail in one line when something already listens there (gunicorn and
+    PostgreSQL would otherwise retry, then end in a stack of messages)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise ClusterError(f"{variable} {port} is taken by another program: choose a free one, e.g. "
+                               f"{variable}={port + 1} make run") from None
+
+
+def hold_run_lock(root: Path):
+    """One `make run` per data directory: a second one says so instead of
+    fighting the first over its PostgreSQL. The lock lasts as long as the process."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = (root / "run.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ClusterError(f"another make run is already serving from {root} (pid {holder}): stop it with Ctrl-C, "
+                           "or give this one its own DEV_DATA_DIR, PORT and DEV_DB_PORT") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def serving(url: str, server: subprocess.Popen, timeout_s: float = 120.0) -> bool:
+    """Wait until gunicorn answers /healthz (False if it exits first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return server.poll() is None
+
+
+def greeting(base: str, user: str, token: str, secret_hint: str) -> str:
+    curl = (f"curl -s -X POST {base}/api/{user}/chat -H 'Authorization: Bearer {token}' "
+            "-H 'Content-Type: application/json' -d '{\"message\": \"hello\"}'")
+    return "\n".join([
+        "",
+        f"Serving {base}  (interactive docs: {base}/docs; Ctrl-C stops it and the database)",
+        "",
+        "Try:",
+        "",
+        f"  {curl}",
+        "",
+        f"For the README's curl session, paste (a token for user {user!r}, valid 24 hours):",
+        "",
+        f"  export API={base}/api/{user}",
+        f"  export TOKEN={token}",
+        "",
+        f"A token for another user: make token USER=alice  ({secret_hint})",
+        "",
+    ])
+
+
 def run(root: Path) -> int:
     """Start the cluster, migrate, and serve with gunicorn until Ctrl-C."""
-    port = int(os.environ.get("PORT", "8000"))
-    cluster = Cluster(root, int(os.environ.get("DEV_DB_PORT", "54329")))
-    cluster.start()
+    port = _port("PORT", 8000)
+    db_port = _port("DEV_DB_PORT", 54329)
+    host = os.environ.get("HOST", "127.0.0.1")
+    lock = hold_run_lock(root)
+    require_free_port(host, port, "PORT")
+    cluster = Cluster(root, db_port)
+    cluster.stop()  # a cluster left running by a run that was killed; the lock says no run owns it now
+    require_free_port("127.0.0.1", db_port, "DEV_DB_PORT")
+    started = False
     try:
+        cluster.start()
+        started = True
         cluster.bootstrap()
-        env = {**os.environ, "BETTER_AUTH_SECRET": os.environ.get("BETTER_AUTH_SECRET") or dev_secret(cluster.root)}
+        own_secret = bool(os.environ.get("BETTER_AUTH_SECRET"))
+        secret = os.environ["BETTER_AUTH_SECRET"] if own_secret else dev_secret(cluster.root)
+        env = {**os.environ, "BETTER_AUTH_SECRET": secret}
         migrate(cluster, env)
-        env["DATABASE_URL"] = cluster.url(APP_ROLE)
-        env["PORT"] = str(port)
-        env.setdefault("HOST", "127.0.0.1")
-        user = "dev-user"
-        token = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "mint-token", user, "--ttl", "86400"],
-                               env=env, check=True, capture_output=True, text=True).stdout.strip()
-        base = f"http://127.0.0.1:{port}"
-        print(f"\nServing on {base}  (database: {cluster.root}, Ctrl-C stops both)\n")
-        print("Try:\n")
-        print(f"  curl -s -X POST {base}/api/{user}/chat -H 'Authorization: Bearer {token}' "
-              "-H 'Content-Type: application/json' -d '{\"message\": \"hello\"}'\n", flush=True)
+        env.update(DATABASE_URL=cluster.url(APP_ROLE), PORT=str(port), HOST=host)
         server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], env=env)
 
         def forward(signum, frame):
@@ -217,19 +300,68 @@ def run(root: Path) -> int:
 
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
+        base = f"http://127.0.0.1:{port}" if host in ("127.0.0.1", "0.0.0.0", "localhost") else f"http://{host}:{port}"
+        if serving(base, server):
+            hint = ("signed with your BETTER_AUTH_SECRET" if own_secret else
+                    f"the dev secret is in {cluster.root / 'auth_secret'}")
+            print(greeting(base, DEV_USER, mint_token(secret, DEV_USER, DEV_TOKEN_TTL_S), hint), flush=True)
         return server.wait()
     finally:
         cluster.stop()
+        if started:
+            print(f"\nStopped gunicorn and the database (PostgreSQL on port {db_port}); the data stays in {root} "
+                  "for the next make run.", flush=True)
+        lock.close()
+
+
+def token(root: Path, user: str) -> int:
+    """`make token USER=alice`: export lines for another user, signed like `make run`'s."""
+    secret = os.environ.get("BETTER_AUTH_SECRET")
+    if not secret:
+        path = root / "auth_secret"
+        if not path.exists():
+            raise ClusterError(f"no dev secret in {path} yet: run make run once (it creates it), "
+                               "or set BETTER_AUTH_SECRET")
+        secret = path.read_text().strip()
+    if not user.strip() or "/" in user:
+        raise ClusterError(f"USER must be a user id without '/', got {user!r}")
+    print(f"export API=http://127.0.0.1:{_port('PORT', 8000)}/api/{user}")
+    print(f"export TOKEN={mint_token(secret, user, DEV_TOKEN_TTL_S)}")
+    return 0
+
+
+def _what_failed(command) -> str:
+    names = [Path(str(part)).name for part in command]
+    for name, what in (("initdb", "initdb"), ("pg_ctl", "pg_ctl (PostgreSQL)"), ("flask", "flask db upgrade")):
+        if name in names:
+            return what
+    return names[0]
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(os.environ.get("DEV_DATA_DIR", ".data"))
-    if argv[:1] == ["run"]:
-        return run(root)
-    if argv[:1] == ["install"]:
-        print(find_bindir())
-        return 0
+    try:
+        if argv[:1] == ["run"]:
+            return run(root)
+        if argv[:1] == ["token"]:
+            return token(root, argv[1] if len(argv) > 1 else DEV_USER)
+        if argv[:1] == ["install"]:
+            print(find_bindir())
+            return 0
+    except ClusterError as exc:
+        print(f"make {argv[0]}: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"make {argv[0]}: {_what_failed(exc.cmd)} failed with status {exc.returncode} (its messages are above; "
+              f"PostgreSQL's log is {root / 'postgres.log'})", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"make {argv[0]}: the private PostgreSQL did not answer: {str(exc).strip().splitlines()[0]}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -64,6 +64,7 @@ def configure_logging() -> None:
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logger.propagate = False  # gunicorn's root handler would print every line a second time
 
 
 def _start_request() -> None:
@@ -129,7 +130,7 @@ def metrics_endpoint():
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)  # it names its charset already
 
 
 def install(app: Flask) -> None:

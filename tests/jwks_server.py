@@ -3,23 +3,27 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class KeyServer:
     """A JWKS endpoint on loopback that counts its fetches. Its keys can be
-    swapped, it can fail with a 500, or answer any `body` instead."""
+    swapped, it can fail with a 500, answer any `body` instead, or take
+    `delay_s` to answer."""
 
     def __init__(self, keys):
         self.keys = list(keys)
         self.fetches = 0
         self.failing = False
         self.body = None
+        self.delay_s = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.fetches += 1
+                time.sleep(server.delay_s)
                 status, body = (500, b"down") if server.failing else (200, server.document())
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

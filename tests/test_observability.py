@@ -147,3 +147,16 @@ def test_route_labels_do_not_carry_user_ids(server):
     requests.get(f"{server.url}/api/{user.id}/tasks", headers=user.headers, timeout=10)
     requests.get(f"{server.url}/no/such/{user.id}", timeout=10)
     assert user.id not in scrape(server)
+
+
+def test_each_request_is_logged_once(server):
+    requests.get(f"{server.url}/healthz", headers={"X-Request-ID": "once-only-1"}, timeout=10)
+    wait_for_log(server, lambda e: e.get("request_id") == "once-only-1")
+    time.sleep(0.2)
+    assert [e.get("request_id") for e in json_lines(server)].count("once-only-1") == 1
+
+
+def test_metrics_name_their_charset_once(server):
+    content_type = requests.get(f"{server.url}/metrics", timeout=10).headers["Content-Type"]
+    assert content_type.startswith("text/plain;")
+    assert content_type.count("charset") == 1, content_type

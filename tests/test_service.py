@@ -1,11 +1,14 @@
 """Service routes, configuration, the CLI, and database outages as 503."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jwt
 import pytest
-from conftest import SECRET, built_app, make_user
+from conftest import ROOT, SECRET, built_app, make_user
 
-from chat_blueprint import create_app
 from chat_blueprint.config import ConfigError, load_settings, normalize_database_url
 from chat_blueprint.devcluster import free_port
 
@@ -60,17 +63,38 @@ def test_openapi_document_covers_the_routes(client):
     assert create["$ref"].endswith("TaskCreate")
 
 
-def test_mint_token(runner):
-    result = runner.invoke(args=["mint-token", "erin", "--ttl", "120"])
-    assert result.exit_code == 0, result.output
-    claims = jwt.decode(result.output.strip(), SECRET, algorithms=["HS256"])
+def flask_cli(*args, **env) -> subprocess.CompletedProcess:
+    """The real `flask --app wsgi ...` command line, with only `env` (and PATH) set."""
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ["PATH"], **env})
+
+
+def test_mint_token_needs_only_the_secret():
+    result = flask_cli("mint-token", "erin", "--ttl", "120", BETTER_AUTH_SECRET=SECRET)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "erin" and claims["exp"] - claims["iat"] == 120
 
 
-def test_mint_token_needs_the_secret(app_url):
-    app = create_app({"ENV": {"DATABASE_URL": app_url}})
-    result = app.test_cli_runner().invoke(args=["mint-token", "erin"])
-    assert result.exit_code != 0 and "BETTER_AUTH_SECRET" in result.output
+def test_mint_token_without_the_secret_says_so_in_one_line():
+    result = flask_cli("mint-token", "erin")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["Error: BETTER_AUTH_SECRET is not set (required to mint HS256 "
+                                                  "tokens)"]
+
+
+def test_mint_token_warns_about_a_short_secret_in_one_line():
+    result = flask_cli("mint-token", "erin", BETTER_AUTH_SECRET="short")
+    assert result.returncode == 0
+    assert jwt.decode(result.stdout.strip(), options={"verify_signature": False})["sub"] == "erin"
+    assert len(result.stderr.strip().splitlines()) == 1 and "32 bytes" in result.stderr
+
+
+def test_mint_token_refuses_a_blank_user():
+    result = flask_cli("mint-token", " ", BETTER_AUTH_SECRET=SECRET)
+    assert result.returncode == 2 and "USER_ID" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("env, variable", [
