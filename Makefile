@@ -17,7 +17,7 @@ TOKEN_USER := $(if $(filter command line,$(origin USER)),$(USER),dev-user)
 token: install
 	@$(PY) -m chat_blueprint.devcluster token '$(TOKEN_USER)'
 
-test: install postgres test-deps
+test: install postgres test-deps ai-sdk
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -49,8 +49,19 @@ test-deps:
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null
 
+# The AI SDK's own client (the `ai` npm package) drives the streaming endpoint
+# in tests/test_ai_sdk.py; without Node.js that test fails, naming it.
+AI_SDK := tests/ai_sdk
+
+ai-sdk: $(AI_SDK)/node_modules/.installed
+
+$(AI_SDK)/node_modules/.installed: $(AI_SDK)/package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix $(AI_SDK) --no-package-lock --no-audit --no-fund --silent && touch $@; \
+	else echo "npm not found: tests/test_ai_sdk.py needs Node.js and npm" >&2; fi
+
 clean:
-	rm -rf $(VENV) .data *.egg-info
+	rm -rf $(VENV) .data *.egg-info $(AI_SDK)/node_modules
 
 bench: install postgres
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; } || { echo "wrk not found: install the distribution's wrk package"; exit 1; }

@@ -1,0 +1,66 @@
+"""The streaming endpoint driven by the AI SDK's own client (the `ai` npm
+package's AbstractChat and DefaultChatTransport, the core `useChat` wraps),
+against real gunicorn and PostgreSQL. `make test` installs the package."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import connect, gunicorn, make_user
+from fake_llm import FakeChatCompletions, streamed
+
+CHECK = Path(__file__).resolve().parent / "ai_sdk"
+
+
+def run_client(server, user, *texts) -> dict:
+    node = shutil.which("node")
+    if node is None:
+        raise AssertionError("node is not installed: this test needs Node.js 18 or later")
+    if not (CHECK / "node_modules" / "ai").is_dir():
+        raise AssertionError(f"the ai package is missing: run `npm install --no-package-lock --prefix {CHECK}`"
+                             " (make test does)")
+    finished = subprocess.run([node, str(CHECK / "chat_check.mjs"), server.url, user.id, user.token, *texts],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    return json.loads(finished.stdout)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with FakeChatCompletions() as fake:
+        yield fake
+
+
+def test_use_chat_core_runs_a_conversation(app_url):
+    with gunicorn(app_url, workers=1) as server:
+        user = make_user()
+        result = run_client(server, user, "hello from the AI SDK", "and a second turn")
+    assert result["status"] == "ready" and result["errors"] == []
+    roles = [message["role"] for message in result["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    replies = [message for message in result["messages"] if message["role"] == "assistant"]
+    texts = ["".join(part["text"] or "" for part in reply["parts"] if part["type"] == "text") for reply in replies]
+    with connect(app_url, user.id) as conn:
+        stored = conn.execute("select id, content from message where role = 'assistant' and conversation_id = %s"
+                              " order by id", (result["conversationId"],)).fetchall()
+    assert texts == [content for _, content in stored]
+    assert texts[0].startswith("turn 1:") and texts[1].startswith("turn 2:")
+    assert [reply["metadata"]["assistant_message_id"] for reply in replies] == [row_id for row_id, _ in stored]
+    assert all(reply["metadata"]["conversation_id"] == result["conversationId"] for reply in replies)
+    assert all(part["state"] == "done" for reply in replies for part in reply["parts"] if part["type"] == "text")
+
+
+def test_use_chat_core_sees_tool_calls_and_errors(app_url, llm):
+    llm.script(streamed(["Adding it."], finish_reason="tool_calls",
+                        calls=[{"id": "call_7", "name": "add_task", "arguments": {"title": "milk"}}]),
+               streamed(["half"], cut_after=2))
+    with gunicorn(app_url, workers=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                  ASSISTANT_MODEL="fake-model") as server:
+        result = run_client(server, make_user(), "add milk", "this one breaks")
+    first = result["messages"][1]
+    tool = next(part for part in first["parts"] if part["type"] == "tool-add_task")
+    assert tool["toolCallId"] == "call_7" and tool["input"] == {"title": "milk"} and tool["state"] == "input-available"
+    assert result["status"] == "error" and result["errors"], result
