@@ -4,8 +4,8 @@
   `schemas.ExportSchema`), read in one snapshot and written out as it is read,
   a batch at a time, so its size does not bound the server's memory. The
   generator that writes it runs after the view has returned, so the user is
-  handed to it and bound to its transaction by `tenancy.bind_cursor`, not
-  taken from the request.
+  handed to it and bound to its transaction by `tenancy.snapshot`, not taken
+  from the request.
 - `erase_user`: deletes every row of one user in every table that has a
   `user_id` column, in one transaction, under row-level security. The tables
   are read from the schema at each call, so a table added later is erased
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from typing import Iterator
@@ -177,31 +176,8 @@ class _Buffer:
         return chunk
 
 
-@contextmanager
-def _snapshot(engine: Engine, user_id: str):
-    """A pooled psycopg connection in a read-only REPEATABLE READ transaction
-    bound to `user_id`: every query of the export sees the same snapshot. It
-    is rolled back and returned to the pool however the export ends (done,
-    client gone, database failure)."""
-    with engine.connect() as pooled:
-        connection = pooled.connection.driver_connection
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                tenancy.bind_cursor(cursor, user_id)
-            yield connection
-        except BaseException as exc:
-            if connection.broken or connection.closed:
-                pooled.invalidate(exc if isinstance(exc, Exception) else None)
-                engine.dispose()
-            raise
-        finally:
-            if not (connection.broken or connection.closed):
-                connection.rollback()
-
-
 def _export_chunks(engine: Engine, user_id: str, batch_rows: int) -> Iterator[bytes]:
-    with _snapshot(engine, user_id) as connection:
+    with tenancy.snapshot(engine, user_id) as connection:
         exported_at = connection.execute("SELECT now()").fetchone()[0]
         head = _json(export_head_schema.dump({"user_id": user_id, "exported_at": exported_at}))
         yield (head[:-1] + ',"tasks":[').encode()

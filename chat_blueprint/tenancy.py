@@ -1,13 +1,16 @@
 """The one place that binds `app.user_id` to a database transaction.
 
 `bind(cursor, user_id)` runs `select set_config('app.user_id', <id>, true)`,
-and it has exactly two callers:
+and it has exactly three callers:
 
 - the Session `after_begin` hook, at the start of *every* transaction a
   Session opens (including the ones SQLAlchemy opens after a commit to
-  refresh objects), for the user of the current request, and
+  refresh objects), for the user of the current request,
 - `transaction(engine, user_id)`, the public way to run raw psycopg SQL as a
-  user (the chat turn's hot path), as its first statement.
+  user (the chat turn's hot path), as its first statement, and
+- `snapshot(engine, user_id)`, a read-only transaction for reading a user's
+  rows at length (the export), whose user is passed in explicitly: a streamed
+  response reads after the request's context variable is gone.
 
 The setting is transaction-local, so a pooled connection carries nothing
 from one request to the next, and PgBouncer transaction pooling is safe.
@@ -70,6 +73,30 @@ def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
                 except psycopg.Error:
                     pooled.invalidate()
             raise
+
+
+@contextmanager
+def snapshot(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
+    """One read-only REPEATABLE READ transaction as `user_id` on a pooled
+    psycopg connection, not pipelined (server-side cursors work in it): every
+    query sees the same snapshot. It is rolled back and the connection goes
+    back to the pool however the caller ends, a generator closed early included.
+    """
+    with engine.connect() as pooled:
+        connection = pooled.connection.driver_connection
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                bind(cursor, user_id)
+            yield connection
+        except BaseException as exc:
+            if connection.broken or connection.closed:
+                pooled.invalidate(exc if isinstance(exc, Exception) else None)
+                engine.dispose()
+            raise
+        finally:
+            if not (connection.broken or connection.closed):
+                connection.rollback()
 
 
 def _bind_session_transaction(session, transaction, connection) -> None:
