@@ -47,7 +47,7 @@ control_socket_disable = True
 # (gunicorn's default is 8190 bytes). A longer Authorization header reaches
 # the app and is a 401 there; only a line over this limit is gunicorn's 431.
 # gunicorn buffers at most limit_request_fields (100) lines of this size.
-limit_request_field_size = 24 * 1024
+limit_request_field_size = 32 * 1024
 accesslog = None
 loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = {

@@ -63,8 +63,8 @@ def configure_logging() -> None:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
+        logger.propagate = False  # a root handler added later would print every line a second time
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
-    logger.propagate = False  # gunicorn's root handler would print every line a second time
 
 
 def _start_request() -> None:

@@ -45,7 +45,7 @@ ERRORS = {
 SERVER_LIMITS = {
     "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)",
             "content": {"application/json": {"schema": "Error"}}},
-    "431": {"description": "a header line is over the HTTP server's limit (24 KiB), or there are over 100 of them",
+    "431": {"description": "a header line is over the HTTP server's limit (32 KiB), or there are over 100 of them",
             "content": {"application/json": {"schema": "Error"}}},
 }
 
