@@ -292,7 +292,7 @@ def test_two_hundred_streams_in_flight_on_one_instance_all_finish(app_url, llm):
     llm.default = streamed(["one ", "two ", "three"], interval_s=0.5)
     try:
         with gunicorn(app_url, workers=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
-                      ASSISTANT_MODEL="fake-model", ASSISTANT_TIMEOUT_S=60) as server:
+                      ASSISTANT_MODEL="fake-model", ASSISTANT_TIMEOUT_S=60, DATABASE_POOL_TIMEOUT_S=60) as server:
             users = [make_user() for _ in range(20)]
 
             def one(n):

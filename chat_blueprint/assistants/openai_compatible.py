@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 
 import openai
 from openai import Stream
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 
 from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
 
@@ -101,7 +101,7 @@ class OpenAICompatibleAssistant:
                 body={"model": self.model, "messages": self.messages(history), "stream": True,
                       "stream_options": {"include_usage": True}},
                 stream=True,
-                stream_cls=Stream[ChatCompletionChunk],
+                stream_cls=_ChunkDicts,
             )
             with chunks:
                 for chunk in chunks:
@@ -178,6 +178,31 @@ def reply_from(completion) -> Reply:
                  usage=_usage(getattr(completion, "usage", None)))
 
 
+class _ChunkDicts(Stream[dict]):
+    """The client's stream (its SSE decoder, error events and error mapping), but
+    each chunk left as the parsed JSON dict: building a typed model per chunk cost
+    about three quarters of a streamed turn's CPU (docs/benchmarks.md)."""
+
+    def __stream__(self):
+        try:
+            for sse in self._iter_events():
+                if sse.data.startswith("[DONE]"):
+                    break
+                data = sse.json()
+                if isinstance(data, dict) and data.get("error"):
+                    raise AssistantError("the assistant backend reported an error while streaming")
+                yield data
+        finally:
+            self.response.close()
+
+
+def _field(value, name):
+    """`value[name]` of a parsed JSON object or `value.name` of a model; None when absent."""
+    if isinstance(value, dict):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
 class _StreamedReply:
     """The pieces of a streamed completion, assembled into a Reply."""
 
@@ -191,35 +216,35 @@ class _StreamedReply:
     def add(self, chunk) -> str:
         """Take one chunk; return its text delta ('' if none)."""
         self.model = _model(chunk) or self.model
-        self.usage = _usage(getattr(chunk, "usage", None)) or self.usage
-        choices = getattr(chunk, "choices", None) or []
+        self.usage = _usage(_field(chunk, "usage")) or self.usage
+        choices = _field(chunk, "choices") or []
         if not isinstance(choices, list):
             raise AssistantError("the assistant backend streamed a malformed chunk")
         delta_text = ""
         for choice in choices:
-            if getattr(choice, "index", 0) != 0:
+            if (_field(choice, "index") or 0) != 0:
                 continue
-            delta = getattr(choice, "delta", None)
-            piece = getattr(delta, "content", None) or getattr(delta, "refusal", None)
+            delta = _field(choice, "delta")
+            piece = _field(delta, "content") or _field(delta, "refusal")
             if piece is not None:
                 if not isinstance(piece, str):
                     raise AssistantError("the assistant backend streamed a malformed delta")
                 delta_text += piece
-            for fragment in getattr(delta, "tool_calls", None) or []:
+            for fragment in _field(delta, "tool_calls") or []:
                 self._add_tool_call(fragment)
-            self.finish_reason = _finish_reason(getattr(choice, "finish_reason", None)) or self.finish_reason
+            self.finish_reason = _finish_reason(_field(choice, "finish_reason")) or self.finish_reason
         if delta_text:
             self.text.append(delta_text)
         return delta_text
 
     def _add_tool_call(self, fragment) -> None:
-        index = getattr(fragment, "index", None)
+        index = _field(fragment, "index")
         if not isinstance(index, int):
             raise AssistantError("the assistant backend streamed a malformed tool call")
         call = self.calls.setdefault(index, {"id": None, "name": "", "arguments": ""})
-        function = getattr(fragment, "function", None)
-        call["id"] = getattr(fragment, "id", None) or call["id"]
-        name, arguments = getattr(function, "name", None), getattr(function, "arguments", None)
+        function = _field(fragment, "function")
+        call["id"] = _field(fragment, "id") or call["id"]
+        name, arguments = _field(function, "name"), _field(function, "arguments")
         if not isinstance(name or "", str) or not isinstance(arguments or "", str):
             raise AssistantError("the assistant backend streamed a malformed tool call")
         call["name"] += name or ""
@@ -236,7 +261,7 @@ class _StreamedReply:
 
 
 def _model(completion) -> str | None:
-    model = getattr(completion, "model", None)
+    model = _field(completion, "model")
     return model[:200] if isinstance(model, str) and model else None
 
 
@@ -246,7 +271,7 @@ def _finish_reason(reason) -> str | None:
 
 def _usage(usage) -> dict | None:
     """`{"prompt_tokens", "completion_tokens", "total_tokens"}` when the backend reported all three as counts."""
-    counts = {name: getattr(usage, name, None) for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    counts = {name: _field(usage, name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
     if usage is None or not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0
                                 for value in counts.values()):
         return None
