@@ -47,7 +47,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
 
-    from . import chat, cors, observability, service, tasks
+    from . import chat, cors, docs, observability, service, tasks
 
     observability.install(app)
     with app.app_context():
@@ -56,6 +56,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(docs.bp)
     cors.install(app, settings.cors_origins)
 
     from .cli import register_commands
