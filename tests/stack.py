@@ -224,6 +224,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size 2m;
+        large_client_header_buffers 4 32k;
 
         location / {{
             proxy_pass http://chat_app;
