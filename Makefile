@@ -32,9 +32,11 @@ postgres: install
 	@$(PY) -m chat_blueprint.devcluster install >/dev/null
 
 # The deployment tests start nginx and PgBouncer from the distribution's
-# packages. Install the missing ones when we are root; otherwise say which are
-# missing (those tests then fail, naming them).
-TEST_PACKAGES := nginx pgbouncer
+# packages, the /docs and CORS tests drive its Chromium (through Playwright,
+# which then downloads no browser), the README test runs its curl session.
+# Install the missing ones when we are root; otherwise say which are missing
+# (those tests then fail, naming them). Each program is its package's name.
+TEST_PACKAGES := nginx pgbouncer chromium curl
 
 test-deps:
 	@missing=""; \
@@ -43,9 +45,9 @@ test-deps:
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-		echo "missing for the deployment tests:$$missing (apt-get install$$missing)" >&2; exit 0; \
+		echo "missing for the tests:$$missing (apt-get install$$missing)" >&2; exit 0; \
 	fi; \
-	echo "installing the distribution's packages for the deployment tests:$$missing" >&2; \
+	echo "installing the distribution's packages for the tests:$$missing" >&2; \
 	export DEBIAN_FRONTEND=noninteractive; \
 	apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null
 

@@ -46,7 +46,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.url_map.converters["bigint"] = BigIntConverter
     register_error_handlers(app)
 
-    from . import chat, cors, observability, service, tasks, user_data
+    from . import chat, cors, docs, observability, service, tasks, user_data
 
     observability.install(app)
     guard_bodies(app, MAX_BODY_BYTES)
@@ -57,6 +57,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(tasks.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(user_data.bp)
+    app.register_blueprint(docs.bp)
     cors.install(app, settings.cors_origins)
 
     from .cli import register_commands

@@ -112,7 +112,6 @@ class JwksClient:
         self.retry_s = retry_s
         self.max_stale_s = max_stale_s
         self.timeout_s = timeout_s
-        self.fetches = 0
         self._changed = threading.Condition()
         self._waiting = threading.BoundedSemaphore(max_waiting)
         # (keys by kid, monotonic start of the fetch that got them): replaced whole, so read without the lock.
@@ -183,7 +182,6 @@ class JwksClient:
         """Called with the lock held: this thread fetches, the others wait for it."""
         self._in_flight = True
         self._attempted_at = time.monotonic()
-        self.fetches += 1
 
     def _run_fetch(self) -> None:
         keys = None

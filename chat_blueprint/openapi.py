@@ -228,6 +228,8 @@ def _service_paths(spec: APISpec) -> None:
                               "content": {"text/plain": {"schema": {"type": "string"}}}}}),
         "/api/openapi.json": ("openapi", "This document",
                               {"200": {"description": "the OpenAPI 3 document", "content": _json({"type": "object"})}}),
+        "/docs": ("docs", "Interactive documentation of this document (Swagger UI, served by the app itself)",
+                  {"200": {"description": "the page", "content": _HTML}}),
     }
     for path, (operation_id, summary, responses) in routes.items():
         spec.path(path=path, operations={"get": {

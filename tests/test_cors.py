@@ -1,10 +1,15 @@
 """CORS for a browser frontend on another origin (CONTRACT section 2,
 `CORS_ORIGINS`): the preflight needs no token, Authorization, Content-Type and
-Idempotency-Key are allowed, other origins get no Access-Control-Allow-Origin."""
+Idempotency-Key are allowed, other origins get no Access-Control-Allow-Origin;
+and the same seen from a real browser."""
 from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+from browser import chromium
 from conftest import built_app, gunicorn, make_user
 
 from chat_blueprint.config import ConfigError, load_settings
@@ -127,3 +132,71 @@ def test_preflight_through_gunicorn(app_url):
         assert chat.headers["Access-Control-Allow-Origin"] == FRONTEND
         refused = requests.options(url, headers={"Origin": OTHER, "Access-Control-Request-Method": "POST"}, timeout=10)
         assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+class FrontendPage:
+    """A static page on its own port, like a Next.js frontend: served as
+    http://127.0.0.1:PORT (an allowed origin) or http://localhost:PORT (not)."""
+
+    def __init__(self):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Page)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"<!DOCTYPE html><title>frontend</title><p>a frontend</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+ADD_TASK = """async ([api, token, key]) => {
+  try {
+    const answer = await fetch(api + "/tasks", {
+      method: "POST",
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json", "Idempotency-Key": key},
+      body: JSON.stringify({title: "from the frontend"}),
+    });
+    return {status: answer.status, requestId: answer.headers.get("X-Request-ID"), body: await answer.json()};
+  } catch (error) {
+    return {error: String(error)};
+  }
+}"""
+
+
+def test_a_browser_frontend_on_another_origin(app_url):
+    """Chromium itself enforces CORS: from the allowed origin the preflight
+    passes and the answer is readable; from any other, the browser never sends
+    the request at all."""
+    user = make_user("browser")
+    with FrontendPage() as frontend, chromium() as browser:
+        allowed = f"http://127.0.0.1:{frontend.port}"
+        with gunicorn(app_url, CORS_ORIGINS=allowed) as server:
+            api = f"{server.url}/api/{user.id}"
+            page = browser.new_page()
+            page.goto(allowed + "/")
+            answer = page.evaluate(ADD_TASK, [api, user.token, "first"])
+            assert answer.get("status") == 201, answer
+            assert answer["body"]["title"] == "from the frontend"
+            assert answer["requestId"]  # an exposed header
+            page.goto(f"http://localhost:{frontend.port}/")
+            refused = page.evaluate(ADD_TASK, [api, user.token, "second"])
+            assert "error" in refused and "Failed to fetch" in refused["error"], refused
+            stored = requests.get(f"{api}/tasks", headers=user.headers, timeout=10).json()
+            assert [task["title"] for task in stored] == ["from the frontend"]
+            page.close()

@@ -262,7 +262,8 @@ def test_a_16_kib_token_is_read_and_a_longer_one_is_a_401(app_url):
         client = app.test_client()
         token = sized_token(MAX_TOKEN_BYTES)
         assert client.get("/api/carol/tasks", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        response = client.get("/api/carol/tasks", headers={"Authorization": f"Bearer {sized_token(MAX_TOKEN_BYTES + 1)}"})
+        too_long = sized_token(MAX_TOKEN_BYTES + 1)
+        response = client.get("/api/carol/tasks", headers={"Authorization": f"Bearer {too_long}"})
         assert_401(response)
         assert "too long" in response.get_json()["error"]["message"]
 

@@ -3,8 +3,8 @@ garbage token is a 401 with `WWW-Authenticate: Bearer` (a valid token on
 another user's path a 403), never a 500, and answered within a second.
 
 Server `guarded` verifies HS256 with the shared secret and EdDSA / RS256 with a
-JWKS, and requires an issuer and an audience. Server `jwks_only` has no HMAC
-secret at all, which is where an HS256 token signed with a public key would
+JWKS (the other algorithms are in test_jwks.py), and requires an issuer and an
+audience. Server `jwks_only` has no HMAC secret at all, which is where an HS256 token signed with a public key would
 have to be verified if it were accepted.
 """
 from __future__ import annotations
@@ -288,7 +288,8 @@ def test_a_jwks_that_is_not_a_key_set_is_a_503(body):
             verifier.user_id("Bearer " + eddsa(claims()))
 
 
-@pytest.mark.parametrize("body", [b'{"keys": []}', b'{"keys": [{"kty": "??"}]}', b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'])
+@pytest.mark.parametrize("body", [b'{"keys": []}', b'{"keys": [{"kty": "??"}]}',
+                                  b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}'])
 def test_a_key_set_without_a_usable_key_is_a_401(body):
     with KeyServer(JWKS) as keys:
         keys.body = body

@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 import requests
-from conftest import assert_burst_stored, connect, make_user
+
+from chat_blueprint.auth import MAX_TOKEN_BYTES, mint_token
+from conftest import SECRET, assert_burst_stored, connect, make_user
 from stack import scaled_out
 
 SIMULTANEOUS = 24
@@ -183,3 +185,14 @@ def test_a_stream_arrives_through_nginx_and_pgbouncer_as_it_is_produced(cluster)
     finished = next(at for kind, at in arrivals if kind == "finish")
     assert kinds[-1] == "finish" and kinds.count("text-delta") == len(pieces)
     assert finished - first_delta > 1.5, arrivals  # the upstream spreads its pieces over 2.4 s
+
+
+def test_a_token_of_nearly_16_kib_passes_the_balancer(deployment):
+    """Better Auth puts the whole user row in its claims; nginx's default header
+    buffers (8 KiB) would refuse such a token with an HTML 400."""
+    user = make_user("big-token")
+    token = mint_token(SECRET, user.id, profile="x" * 11_800)
+    assert MAX_TOKEN_BYTES - 500 < len(token) <= MAX_TOKEN_BYTES
+    answer = requests.get(f"{deployment.url}/api/{user.id}/tasks", headers={"Authorization": f"Bearer {token}"},
+                          timeout=10)
+    assert answer.status_code == 200, answer.text[:300]
