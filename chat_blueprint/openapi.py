@@ -42,6 +42,7 @@ ERRORS = {
 }
 # Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app
 # sees the request, to any route, in the same JSON error shape.
+_HTML = {"text/html": {"schema": {"type": "string"}}}
 SERVER_LIMITS = {
     "414": {"description": "the request line is over the HTTP server's limit (4094 bytes)",
             "content": {"application/json": {"schema": "Error"}}},
