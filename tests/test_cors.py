@@ -184,9 +184,10 @@ def test_a_browser_frontend_on_another_origin(app_url):
     passes and the answer is readable; from any other, the browser never sends
     the request at all."""
     user = make_user("browser")
-    with FrontendPage() as frontend, chromium() as browser:
+    with FrontendPage() as frontend:
         allowed = f"http://127.0.0.1:{frontend.port}"
-        with gunicorn(app_url, CORS_ORIGINS=allowed) as server:
+        # The browser closes (and with it its keep-alive connections) before gunicorn stops.
+        with gunicorn(app_url, CORS_ORIGINS=allowed) as server, chromium() as browser:
             api = f"{server.url}/api/{user.id}"
             page = browser.new_page()
             page.goto(allowed + "/")
@@ -199,4 +200,3 @@ def test_a_browser_frontend_on_another_origin(app_url):
             assert "error" in refused and "Failed to fetch" in refused["error"], refused
             stored = requests.get(f"{api}/tasks", headers=user.headers, timeout=10).json()
             assert [task["title"] for task in stored] == ["from the frontend"]
-            page.close()
