@@ -37,7 +37,8 @@ ERRORS = {
             "counts the rest)", {}),
     "429": ("over the per-user chat rate limit (CHAT_RATE_LIMIT, off unless set)", RETRY_AFTER),
     "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation", {}),
-    "503": ("the database is unavailable", RETRY_AFTER),
+    "503": ("the database is unavailable, or the token names a signing key while the JWKS cannot be fetched",
+            RETRY_AFTER),
     "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
 }
 # Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app

@@ -22,7 +22,8 @@ def server(app_url):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):
+    """Closed before the server stops, so gunicorn waits on no keep-alive connection."""
     with chromium() as context:
         yield context
 

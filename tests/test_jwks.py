@@ -272,65 +272,77 @@ ROTATION_KINDS = itertools.cycle([("EdDSA", "Ed25519"), ("ES256", "P-256"), ("ES
                                   ("PS256", "RSA")])
 
 
-def test_rotation_under_load_on_two_workers_fails_no_request(app_url):
+@pytest.fixture(scope="module")
+def auth_server():
+    """A JWKS of the tests' own, like Better Auth's /api/auth/jwks, starting with one key."""
+    first = new_key("Ed25519")
+    with KeyServer([public_jwk(first, "k0", "EdDSA")]) as jwks:
+        jwks.first_key = first
+        yield jwks
+
+
+@pytest.fixture(scope="module")
+def two_workers(app_url, auth_server):
+    with gunicorn(app_url, workers=2, threads=8, BETTER_AUTH_JWKS_URL=auth_server.url) as server:
+        yield server
+
+
+def test_rotation_under_load_on_two_workers_fails_no_request(auth_server, two_workers):
     """Better Auth rotates its keys (`jwks.rotationInterval`): it publishes the
     new key and signs with it from then on, the old ones stay published. With
     clients signing with the newest key all along, across ten rotations on two
     gunicorn workers, not one request fails."""
-    first = new_key("Ed25519")
-    current = {"key": first, "alg": "EdDSA", "kid": "k0"}
-    with KeyServer([public_jwk(first, "k0", "EdDSA")]) as jwks, \
-            gunicorn(app_url, workers=2, threads=8, BETTER_AUTH_JWKS_URL=jwks.url) as server:
-        done = threading.Event()
-        answers, used = [], set()
+    jwks, server = auth_server, two_workers
+    current = {"key": jwks.first_key, "alg": "EdDSA", "kid": "k0"}
+    fetches_before = jwks.fetches
+    done = threading.Event()
+    answers, used = [], set()
 
-        def client():
-            with requests.Session() as session:
-                while not done.is_set():
-                    signing = dict(current)
-                    user_id = f"rot-{uuid.uuid4().hex[:8]}"
-                    token = signed(signing["key"], signing["alg"], signing["kid"], user_id=user_id)
-                    response = session.get(f"{server.url}/api/{user_id}/tasks",
-                                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
-                    answers.append((signing["kid"], response.status_code, response.text[:200]))
-                    used.add(signing["kid"])
+    def client():
+        with requests.Session() as session:
+            while not done.is_set():
+                signing = dict(current)
+                user_id = f"rot-{uuid.uuid4().hex[:8]}"
+                token = signed(signing["key"], signing["alg"], signing["kid"], user_id=user_id)
+                response = session.get(f"{server.url}/api/{user_id}/tasks",
+                                       headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                answers.append((signing["kid"], response.status_code, response.text[:200]))
+                used.add(signing["kid"])
 
-        threads = [threading.Thread(target=client) for _ in range(6)]
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        for number in range(1, 11):
+            time.sleep(0.5)
+            alg, kind = next(ROTATION_KINDS)
+            key = new_key(kind)
+            jwks.keys = [*jwks.keys, public_jwk(key, f"k{number}", alg)]
+            current.update(key=key, alg=alg, kid=f"k{number}")
+        time.sleep(1.0)
+    finally:
+        done.set()
         for thread in threads:
-            thread.start()
-        try:
-            for number in range(1, 11):
-                time.sleep(0.5)
-                alg, kind = next(ROTATION_KINDS)
-                key = new_key(kind)
-                jwks.keys = [*jwks.keys, public_jwk(key, f"k{number}", alg)]
-                current.update(key=key, alg=alg, kid=f"k{number}")
-            time.sleep(1.0)
-        finally:
-            done.set()
-            for thread in threads:
-                thread.join(timeout=60)
-        failed = [answer for answer in answers if answer[1] != 200]
-        assert not failed, failed[:5]
-        assert len(answers) >= 60
-        assert used >= {f"k{number}" for number in range(11)}
-        # Each worker fetches once per new key, not once per request.
-        assert jwks.fetches <= 2 * 2 * 11, jwks.fetches
+            thread.join(timeout=60)
+    failed = [answer for answer in answers if answer[1] != 200]
+    assert not failed, failed[:5]
+    assert len(answers) >= 60
+    assert used >= {f"k{number}" for number in range(11)}
+    # Each worker fetches once per new key, not once per request.
+    assert jwks.fetches - fetches_before <= 2 * 2 * 11, jwks.fetches - fetches_before
 
 
-def test_a_16_kib_token_through_gunicorn(app_url):
+def test_a_16_kib_token_through_gunicorn(auth_server, two_workers):
     """Better Auth puts the whole user row in its claims: a 16 KiB token is read
     through the real HTTP server; a longer Authorization header is a 401 in JSON."""
     key = new_key("Ed25519")
-    with KeyServer([public_jwk(key, "k1", "EdDSA")]) as jwks, \
-            gunicorn(app_url, BETTER_AUTH_JWKS_URL=jwks.url) as server:
-        for token in (sized_token(MAX_TOKEN_BYTES), sized_token(MAX_TOKEN_BYTES, key, "EdDSA", {"kid": "k1"})):
-            response = requests.get(f"{server.url}/api/carol/tasks", headers={"Authorization": f"Bearer {token}"},
-                                    timeout=10)
-            assert response.status_code == 200, response.text
-        for length in (MAX_TOKEN_BYTES + 1, 30_000):
-            response = requests.get(f"{server.url}/api/carol/tasks",
-                                    headers={"Authorization": "Bearer " + sized_token(length)}, timeout=10)
-            assert response.status_code == 401
-            assert response.headers["Content-Type"] == "application/json"
-            assert response.json()["error"]["code"] == "unauthorized"
+    auth_server.keys = [*auth_server.keys, public_jwk(key, "big", "EdDSA")]
+    url = f"{two_workers.url}/api/carol/tasks"
+    for token in (sized_token(MAX_TOKEN_BYTES), sized_token(MAX_TOKEN_BYTES, key, "EdDSA", {"kid": "big"})):
+        response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert response.status_code == 200, response.text
+    for length in (MAX_TOKEN_BYTES + 1, 30_000):
+        response = requests.get(url, headers={"Authorization": "Bearer " + sized_token(length)}, timeout=10)
+        assert response.status_code == 401
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.json()["error"]["code"] == "unauthorized"
