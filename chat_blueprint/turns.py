@@ -255,11 +255,16 @@ class Turns:
                     return Replay(outcome.response)
                 if outcome.state is KeyState.RESUME:
                     return self._resume(connection, request, outcome)
+            limited = None
             if self.rate_limit is not None:
-                rate_limit.take_turn(connection, request.user_id, self.rate_limit)
-            return self._store_user_message(connection, request)
+                limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
+            return self._store_user_message(connection, request, limited)
 
-    def _store_user_message(self, connection, request: TurnRequest) -> PendingTurn:
+    def _store_user_message(self, connection, request: TurnRequest,
+                            limited: rate_limit.PendingTake | None = None) -> PendingTurn:
+        """Store the message; with a rate limit, its step went out first in the
+        same transaction, and a 429 or a 404 rolls both back, so a turn into
+        an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
                   "limit": self.history_limit}
@@ -269,12 +274,14 @@ class Turns:
         else:
             stored.execute(STORE_IN_CONVERSATION, params)
             window.execute(LATEST_WINDOW, params)
-        if request.claim is None:
+        if request.claim is None and limited is None:
             # Nothing to undo if the conversation is unknown: send it all in one round trip.
             connection.commit()
+        if limited is not None:
+            limited.check()  # 429: the message goes with the rollback
         row = stored.fetchone()
         if row is None:
-            raise ConversationNotFound()  # under a key, this rolls the claim back
+            raise ConversationNotFound()  # rolls back the claim and the rate-limit step
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
