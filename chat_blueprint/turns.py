@@ -132,7 +132,7 @@ SELECT id FROM reply
 
 
 STORED_REPLY = """
-SELECT id, content, tool_calls FROM message
+SELECT id, content, tool_calls, model, finish_reason, usage FROM message
 WHERE conversation_id = %(conversation_id)s AND reply_to = %(reply_to)s AND user_id = %(user_id)s
 """
 
@@ -168,7 +168,9 @@ def _storable_json(value):
 def storable(reply: Reply) -> Reply:
     """`reply` as PostgreSQL can store it: a model may send NUL characters or
     lone surrogates (valid JSON escapes) in its text or in tool-call arguments."""
-    return dataclasses.replace(reply, text=_storable_text(reply.text), tool_calls=_storable_json(reply.tool_calls))
+    return dataclasses.replace(reply, text=_storable_text(reply.text), tool_calls=_storable_json(reply.tool_calls),
+                               model=_storable_json(reply.model), finish_reason=_storable_json(reply.finish_reason),
+                               usage=_storable_json(reply.usage))
 
 
 class AssistantFailed(ApiError):
@@ -427,9 +429,10 @@ class Turns:
             row = found.fetchone()
         if row is None:
             return None
-        assistant_message_id, content, tool_calls = row
+        assistant_message_id, content, tool_calls, model, finish_reason, usage = row
         return {"conversation_id": str(pending.conversation_id), "response": content, "tool_calls": tool_calls,
-                "user_message_id": pending.user_message_id, "assistant_message_id": assistant_message_id}
+                "user_message_id": pending.user_message_id, "assistant_message_id": assistant_message_id,
+                "model": model, "finish_reason": finish_reason, "usage": usage}
 
     def _store_reply(self, pending: PendingTurn, reply: Reply) -> dict:
         response = {

@@ -2,10 +2,12 @@
 
 Like chat_rate_limit: one row per user holding the GCRA theoretical arrival
 time of the user's writes (every POST, PUT, PATCH and DELETE under
-/api/{user_id}), under the same forced row-level security.
+/api/{user_id}), under the same forced row-level security, erased with the
+user's data, and pruned by `flask --app wsgi prune` through
+prune_write_rate_limits (policies/write_rate_limit.sql).
 
-Revision ID: 0004_write_rate_limit
-Revises: 0003_chat_rate_limit
+Revision ID: 0006_write_rate_limit
+Revises: 0005_user_data
 Create Date: 2026-12-02
 """
 from pathlib import Path
@@ -13,8 +15,8 @@ from pathlib import Path
 from alembic import op
 from flask import current_app
 
-revision = "0004_write_rate_limit"
-down_revision = "0003_chat_rate_limit"
+revision = "0006_write_rate_limit"
+down_revision = "0005_user_data"
 branch_labels = None
 depends_on = None
 
@@ -40,4 +42,4 @@ def upgrade():
 
 
 def downgrade():
-    _cursor().execute("DROP TABLE write_rate_limit")
+    _cursor().execute("DROP FUNCTION prune_write_rate_limits(text, integer); DROP TABLE write_rate_limit")
