@@ -41,6 +41,7 @@ ERRORS = {
     "503": ("the database is unavailable", RETRY_AFTER),
     "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
 }
+_HTML = {"text/html": {"schema": {"type": "string"}}}
 # Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app
 # sees the request, to any route, in the same JSON error shape.
 SERVER_LIMITS = {
