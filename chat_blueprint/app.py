@@ -52,6 +52,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     guard_bodies(app, MAX_BODY_BYTES)
     with app.app_context():
         observability.watch_pool(db.engine)
+        tenancy.set_timeouts(db.engine, settings.statement_timeout_s, settings.lock_timeout_s)
 
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)

@@ -41,6 +41,9 @@ class Settings:
     stream_keepalive_s: float = 15.0
     isolation_check_interval_s: float = 60.0
     cors_origins: tuple[str, ...] | None = None  # ("*",) for every origin
+    write_rate_limit: tuple[int, int] | None = (600, 60)  # (writes, period in seconds); None: off
+    statement_timeout_s: float = 10.0
+    lock_timeout_s: float = 5.0
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -125,10 +128,12 @@ def _on_off(env, name, default):
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
 
 
-def _rate(env, name):
-    """'N/second', 'N/minute', 'N/hour' or 'N/day'; unset means no limit."""
+def _rate(env, name, default=None):
+    """'N/second', 'N/minute', 'N/hour' or 'N/day'; `off` means no limit, unset the default."""
     raw = _get(env, name)
     if raw is None:
+        return default
+    if raw.lower() == "off":
         return None
     count, _, period = raw.partition("/")
     try:
@@ -136,7 +141,8 @@ def _rate(env, name):
     except ValueError:
         turns = 0
     if turns < 1 or period.strip().lower() not in PERIODS:
-        raise ConfigError(f"{name} must look like '20/minute' (per second, minute, hour or day), got {raw!r}")
+        raise ConfigError(f"{name} must look like '20/minute' (per second, minute, hour or day) or be 'off', "
+                          f"got {raw!r}")
     return turns, PERIODS[period.strip().lower()]
 
 
@@ -209,6 +215,9 @@ def load_settings(env=None) -> Settings:
         stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", 15.0),
         isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", 60.0),
         cors_origins=_origins(env, "CORS_ORIGINS"),
+        write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", (600, 60)),
+        statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", 10.0),
+        lock_timeout_s=_float(env, "DATABASE_LOCK_TIMEOUT_S", 5.0),
     )
     if settings.stream_keepalive_s > 15:
         raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")

@@ -41,6 +41,7 @@ NOT_EXPORTED = {
     "idempotency_key": "request fingerprints and copies of answers whose messages the export holds; "
                        "they expire after IDEMPOTENCY_TTL_S",
     "chat_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
+    "write_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
 }
 """Tables with a `user_id` that the export leaves out, and why. Every such
 table is either exported or named here: `unexported_tables` reports the rest
@@ -248,7 +249,8 @@ class Export:
 # Retention
 
 PRUNE_KEYS = text("SELECT prune_idempotency_keys(:ttl_s, :batch_size)")
-PRUNE_RATE_LIMITS = text("SELECT deleted, last_user_id FROM prune_chat_rate_limits(:after, :batch_size)")
+PRUNE_RATE_LIMITS = tuple(text(f"SELECT deleted, last_user_id FROM {function}(:after, :batch_size)")
+                          for function in ("prune_chat_rate_limits", "prune_write_rate_limits"))
 
 
 @dataclass(frozen=True)
@@ -270,8 +272,9 @@ def prune(engine: Engine, ttl_s: int, batch_size: int) -> Pruned:
             keys += deleted
             if deleted < batch_size:
                 break
-        after = ""
-        while after is not None:
-            deleted, after = connection.execute(PRUNE_RATE_LIMITS, {"after": after, "batch_size": batch_size}).one()
-            rate_limits += deleted
+        for prune_rate_limits in PRUNE_RATE_LIMITS:
+            after = ""
+            while after is not None:
+                deleted, after = connection.execute(prune_rate_limits, {"after": after, "batch_size": batch_size}).one()
+                rate_limits += deleted
     return Pruned(keys, rate_limits)

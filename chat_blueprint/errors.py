@@ -6,6 +6,7 @@ import json
 import logging
 
 import psycopg
+import psycopg.errors
 from flask import Flask, jsonify
 from marshmallow import ValidationError
 from sqlalchemy import exc as sa_exc
@@ -40,8 +41,21 @@ class ApiError(Exception):
 
 
 class DatabaseUnavailable(ApiError):
-    def __init__(self, message="the database is unavailable; retry shortly"):
-        super().__init__(503, "database_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
+    def __init__(self, message="the database is unavailable; retry shortly", code="database_unavailable"):
+        super().__init__(503, code, message, headers={"Retry-After": RETRY_AFTER_S})
+
+
+# A transaction that ran into DATABASE_STATEMENT_TIMEOUT_S or
+# DATABASE_LOCK_TIMEOUT_S (both OperationalErrors, so in DATABASE_ERRORS).
+DATABASE_TIMEOUTS = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+
+
+def database_failure(error: Exception) -> DatabaseUnavailable:
+    """The 503 for one of DATABASE_ERRORS: a timeout says so, anything else is unavailability."""
+    cause = getattr(error, "orig", error)
+    if isinstance(cause, DATABASE_TIMEOUTS):
+        return DatabaseUnavailable("the database did not answer in time; retry shortly", "database_timeout")
+    return DatabaseUnavailable()
 
 
 def error_response(status: int, code: str, message: str, headers=None, **extra):
@@ -99,7 +113,7 @@ def register_error_handlers(app: Flask) -> None:
 
     def database_unavailable(error):
         log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
-        return api_error(DatabaseUnavailable())
+        return api_error(database_failure(error))
 
     for database_error in DATABASE_ERRORS:
         app.register_error_handler(database_error, database_unavailable)

@@ -11,11 +11,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 from werkzeug.wsgi import get_content_length
 
-from . import tenancy
+from . import rate_limit, tenancy
 from .auth import Forbidden
 from .errors import ApiError
+from .extensions import db
 from .isolation import ensure_isolation
 from .models import BIGINT_MAX
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class BigIntConverter(BaseConverter):
@@ -35,7 +38,8 @@ class BigIntConverter(BaseConverter):
 
 def user_blueprint(name: str, import_name: str) -> Blueprint:
     """A blueprint under `/api/<user_id>` whose every request is authenticated
-    as that user and runs its transactions as that user."""
+    as that user and runs its transactions as that user, and whose every
+    write counts against WRITE_RATE_LIMIT."""
     blueprint = Blueprint(name, import_name, url_prefix="/api/<user_id>")
     blueprint.before_request(_authenticate_path_user)
     blueprint.teardown_request(_release_user)
@@ -56,6 +60,9 @@ def _authenticate_path_user():
         raise Forbidden()
     _require_ids_in_range(request.view_args or {})
     ensure_isolation()
+    limit = current_app.config["SETTINGS"].write_rate_limit
+    if limit is not None and request.method in WRITE_METHODS:
+        rate_limit.take_write(db.engine, user_id, rate_limit.RateLimit(*limit))
     g.user_id = user_id
     g.tenancy_token = tenancy.bind_user(user_id)
 

@@ -60,6 +60,10 @@ WHERE user_id = %(user_id)s AND key = %(key)s AND status = 'running'
 """
 
 
+# How often a claim retries when the key it found vanished before it was locked.
+CLAIM_ATTEMPTS = 3
+
+
 class IdempotencyKeyReused(ApiError):
     def __init__(self):
         super().__init__(422, "idempotency_key_reused",
@@ -124,13 +128,21 @@ def claim(connection, user_id: str, key_claim: IdempotencyClaim) -> KeyOutcome:
     """
     params = {"user_id": user_id, "key": key_claim.key, "request_hash": key_claim.request_hash,
               "ttl_s": key_claim.ttl_s, "stale_after_s": key_claim.stale_after_s}
-    claimed = connection.cursor()
-    claimed.execute(CLAIM_KEY, params)
-    if claimed.fetchone() is not None:
-        return NEW
-    locked = connection.cursor()
-    locked.execute(LOCK_KEY, params)
-    request_hash, status, conversation_id, user_message_id, response, expired, stale = locked.fetchone()
+    for _ in range(CLAIM_ATTEMPTS):
+        claimed = connection.cursor()
+        claimed.execute(CLAIM_KEY, params)
+        if claimed.fetchone() is not None:
+            return NEW
+        locked = connection.cursor()
+        locked.execute(LOCK_KEY, params)
+        row = locked.fetchone()
+        if row is not None:
+            break
+        # The row the insert ran into was deleted before it could be locked
+        # (a purge of expired keys): the key is free again, claim it anew.
+    else:
+        return KeyOutcome(KeyState.IN_FLIGHT)
+    request_hash, status, conversation_id, user_message_id, response, expired, stale = row
     if expired:
         connection.cursor().execute(RENEW_KEY, params)
         return NEW

@@ -1,4 +1,4 @@
-"""Typed models of the four tables. Every row carries `user_id`; the
+"""Typed models of the tables. Every row carries `user_id`; the
 row-level-security policies in `policies/` filter on it."""
 from __future__ import annotations
 
@@ -130,4 +130,14 @@ class ChatRateLimit(db.Model):
     tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit")
+class WriteRateLimit(db.Model):
+    """A user's write rate state (WRITE_RATE_LIMIT): the GCRA theoretical arrival time."""
+
+    __tablename__ = "write_rate_limit"
+    __table_args__ = (CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),)
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit")

@@ -35,12 +35,14 @@ ERRORS = {
     "415": ("the body is not application/json", {}),
     "422": ("a field fails validation; error.fields says which (at most 32 KiB of them; error.fields_omitted "
             "counts the rest)", {}),
-    "429": ("over the per-user chat rate limit (CHAT_RATE_LIMIT, off unless set)", RETRY_AFTER),
+    "429": ("over a per-user rate limit: WRITE_RATE_LIMIT (600/minute by default) on every write, and on chat "
+            "turns CHAT_RATE_LIMIT too (off unless set)", RETRY_AFTER),
     "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation", {}),
     "503": ("the database is unavailable, or the token names a signing key while the JWKS cannot be fetched",
             RETRY_AFTER),
     "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
 }
+_HTML = {"text/html": {"schema": {"type": "string"}}}
 # Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app
 # sees the request, to any route, in the same JSON error shape.
 _HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -70,7 +72,8 @@ IDEMPOTENCY_KEY = {
 
 READ_ERRORS = ("401", "403", "404", "503")
 LIST_ERRORS = ("401", "403", "422", "503")
-BODY_ERRORS = ("400", "401", "403", "404", "413", "415", "422", "503")
+WRITE_ERRORS = (*READ_ERRORS, "429")
+BODY_ERRORS = ("400", "401", "403", "404", "413", "415", "422", "429", "503")
 
 
 def _json(schema) -> dict:
@@ -139,14 +142,14 @@ def _task_paths(spec: APISpec) -> None:
             "get": _operation("getTask", "View a task", "200", "the task", "Task", errors=READ_ERRORS),
             "put": _operation("updateTask", "Update a task's title and/or description", "200", "the task", "Task",
                               body="TaskUpdate", errors=BODY_ERRORS),
-            "delete": _operation("deleteTask", "Delete a task", "204", "deleted", errors=READ_ERRORS),
+            "delete": _operation("deleteTask", "Delete a task", "204", "deleted", errors=WRITE_ERRORS),
         },
     )
     spec.path(
         path="/api/{user_id}/tasks/{task_id}/complete",
         parameters=[USER_ID, TASK_ID],
         operations={"patch": _operation("toggleTask", "Toggle a task's completion", "200", "the task", "Task",
-                                        errors=READ_ERRORS)},
+                                        errors=WRITE_ERRORS)},
     )
 
 
@@ -166,7 +169,7 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         "chat", "One chat turn: store the message, ask the assistant with the stored history, store its reply",
         "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
         body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
-        errors=(*BODY_ERRORS, "409", "429", "502", "504"),
+        errors=(*BODY_ERRORS, "409", "502", "504"),
         links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
                      "deleteConversation"),
     )
@@ -190,7 +193,7 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
             "patch": _operation("renameConversation", "Rename a conversation", "200", "the conversation",
                                 "Conversation", body=schemas.ConversationPatchSchema, errors=BODY_ERRORS),
             "delete": _operation("deleteConversation", "Delete a conversation and its messages", "204", "deleted",
-                                 errors=READ_ERRORS),
+                                 errors=WRITE_ERRORS),
         },
     )
     spec.path(

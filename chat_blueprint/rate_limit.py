@@ -1,22 +1,26 @@
-"""The per-user chat rate limit, kept in PostgreSQL so every instance shares it.
+"""Per-user rate limits, kept in PostgreSQL so every instance shares them:
+chat turns (CHAT_RATE_LIMIT, table chat_rate_limit) and writes
+(WRITE_RATE_LIMIT, table write_rate_limit: every POST, PUT, PATCH and DELETE
+under /api/{user_id}).
 
-GCRA (the generic cell rate algorithm): one row per user holds the
-theoretical arrival time `tat`. A turn is admitted when moving `tat` one
+GCRA (the generic cell rate algorithm): one row per user and limit holds the
+theoretical arrival time `tat`. A request is admitted when moving `tat` one
 emission interval later keeps it within one period of now; the row lock
-serialises a user's concurrent turns on every instance. Runs inside the
-caller's transaction (the first transaction of a turn), so a refused turn
-stores nothing.
+serialises a user's concurrent requests on every instance. Each step runs
+inside the caller's transaction, so a refused request stores nothing, and a
+rolled-back one is not counted.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
 
+from . import tenancy
 from .errors import ApiError
 
 # No row returned: limited.
-TAKE_TURN = """
-INSERT INTO chat_rate_limit AS state (user_id, tat)
+TAKE = """
+INSERT INTO {table} AS state (user_id, tat)
 VALUES (%(user_id)s, now() + %(interval)s)
 ON CONFLICT (user_id) DO UPDATE
 SET tat = greatest(state.tat, now()) + %(interval)s
@@ -26,34 +30,83 @@ RETURNING tat
 
 RETRY_AFTER = """
 SELECT greatest(1, ceil(extract(epoch FROM greatest(tat, now()) + %(interval)s - now() - %(period)s)))::int
-FROM chat_rate_limit WHERE user_id = %(user_id)s
+FROM {table} WHERE user_id = %(user_id)s
 """
 
 
 class RateLimited(ApiError):
-    def __init__(self, retry_after_s: int):
-        super().__init__(429, "rate_limited", "too many chat turns; retry later",
+    def __init__(self, retry_after_s: int, what: str = "chat turns"):
+        super().__init__(429, "rate_limited", f"too many {what}; retry later",
                          headers={"Retry-After": str(retry_after_s)}, retry_after=retry_after_s)
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    """At most `turns` chat turns per `period_s` seconds per user, in bursts of up to `turns`."""
+    """At most `count` requests per `period_s` seconds per user, in bursts of up to `count`."""
 
-    turns: int
+    count: int
     period_s: int
 
     @property
     def params(self) -> dict:
-        return {"interval": timedelta(seconds=self.period_s / self.turns), "period": timedelta(seconds=self.period_s)}
+        return {"interval": timedelta(seconds=self.period_s / self.count), "period": timedelta(seconds=self.period_s)}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Which limit a request counts against: its table and its name in a 429."""
+
+    table: str
+    what: str
+
+    @property
+    def take_sql(self) -> str:
+        return TAKE.format(table=self.table)
+
+    @property
+    def retry_after_sql(self) -> str:
+        return RETRY_AFTER.format(table=self.table)
+
+
+CHAT = Bucket("chat_rate_limit", "chat turns")
+WRITES = Bucket("write_rate_limit", "writes")
+
+
+@dataclass
+class PendingTake:
+    """One GCRA step queued in a pipeline; `check()` reads its verdict."""
+
+    bucket: Bucket
+    taken: object
+    retry_after: object
+
+    def check(self) -> None:
+        """Raise RateLimited if the step was refused."""
+        if self.taken.fetchone() is None:
+            raise RateLimited(self.retry_after.fetchone()[0], self.bucket.what)
+
+
+def queue_take(connection, user_id: str, limit: RateLimit, bucket: Bucket = CHAT) -> PendingTake:
+    """Queue one step against `limit` (and the Retry-After it would need) in
+    `connection`'s transaction, without waiting for the answer: in pipeline
+    mode both go out with whatever is sent next."""
+    params = {"user_id": user_id, **limit.params}
+    taken, retry_after = connection.cursor(), connection.cursor()
+    taken.execute(bucket.take_sql, params)
+    retry_after.execute(bucket.retry_after_sql, params)
+    return PendingTake(bucket, taken, retry_after)
 
 
 def take_turn(connection, user_id: str, limit: RateLimit) -> None:
-    """Count one turn against `limit` in `connection`'s transaction, or raise RateLimited."""
-    params = {"user_id": user_id, **limit.params}
-    taken = connection.cursor()
-    taken.execute(TAKE_TURN, params)
-    if taken.fetchone() is None:
-        retry_after = connection.cursor()
-        retry_after.execute(RETRY_AFTER, params)
-        raise RateLimited(retry_after.fetchone()[0])
+    """Count one chat turn against `limit` in `connection`'s transaction, or raise RateLimited."""
+    queue_take(connection, user_id, limit, CHAT).check()
+
+
+def take_write(engine, user_id: str, limit: RateLimit) -> None:
+    """Count one write against `limit` in a transaction of its own (one round
+    trip: the user binding, the step and the commit go out together), or
+    raise RateLimited. A write refused later (404, 422) stays counted."""
+    with tenancy.transaction(engine, user_id) as connection:
+        pending = queue_take(connection, user_id, limit, WRITES)
+        connection.commit()
+        pending.check()

@@ -1,7 +1,10 @@
 """The one place that binds `app.user_id` to a database transaction.
 
 `bind(cursor, user_id)` runs `select set_config('app.user_id', <id>, true)`,
-and it has exactly three callers:
+in the same statement setting the transaction's `statement_timeout` and
+`lock_timeout` (DATABASE_STATEMENT_TIMEOUT_S, DATABASE_LOCK_TIMEOUT_S, kept
+per engine by `set_timeouts`), so every app transaction is bounded at no
+extra round trip; and it has exactly three callers:
 
 - the Session `after_begin` hook, at the start of *every* transaction a
   Session opens (including the ones SQLAlchemy opens after a commit to
@@ -12,13 +15,21 @@ and it has exactly three callers:
   rows at length (the export), whose user is passed in explicitly: a streamed
   response reads after the request's context variable is gone.
 
-The setting is transaction-local, so a pooled connection carries nothing
+The settings are transaction-local, so a pooled connection carries nothing
 from one request to the next, and PgBouncer transaction pooling is safe.
+A transaction that hits a timeout raises QueryCanceled or LockNotAvailable
+and is rolled back; errors.py answers 503 with Retry-After.
+
+A connection found dead is invalidated alone: the pool's other connections
+stay (one backend killed, or one that timed out, says nothing about them),
+and a dead one among them is found and replaced the same way when next used.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Iterator
 
 import psycopg
@@ -28,7 +39,25 @@ from sqlalchemy.orm import Session
 
 _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
 
-BIND_USER_SQL = "select set_config('app.user_id', %s, true)"
+BIND_USER_SQL = ("select set_config('app.user_id', %s, true), set_config('statement_timeout', %s, true),"
+                 " set_config('lock_timeout', %s, true)")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long one statement may run, and wait for a lock, in a transaction."""
+
+    statement_ms: int = 10_000
+    lock_ms: int = 5_000
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+_engine_timeouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_timeouts(engine: Engine, statement_s: float, lock_s: float) -> None:
+    """The timeouts of every transaction bound on `engine` (else DEFAULT_TIMEOUTS)."""
+    _engine_timeouts[engine] = Timeouts(max(1, round(statement_s * 1000)), max(1, round(lock_s * 1000)))
 
 
 def bind_user(user_id: str):
@@ -40,9 +69,13 @@ def unbind_user(token) -> None:
     _current_user.reset(token)
 
 
-def bind(cursor, user_id: str) -> None:
-    """Bind `user_id` to the transaction `cursor` runs in (a psycopg cursor)."""
-    cursor.execute(BIND_USER_SQL, (user_id,))
+def bind(cursor, user_id: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+    """Bind `user_id` and `timeouts` to the transaction `cursor` runs in (a psycopg cursor)."""
+    cursor.execute(BIND_USER_SQL, (user_id, str(timeouts.statement_ms), str(timeouts.lock_ms)))
+
+
+def _timeouts_of(engine: Engine) -> Timeouts:
+    return _engine_timeouts.get(engine, DEFAULT_TIMEOUTS)
 
 
 @contextmanager
@@ -53,20 +86,18 @@ def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
     round trip of its own. Statements queue until a result is fetched or the
     caller commits; calling `commit()` before reading results sends the whole
     transaction in one round trip. A clean exit commits what is still open;
-    an exception rolls back. A connection found dead is invalidated with
-    every other pooled one, as SQLAlchemy does on a disconnect.
+    an exception rolls back. A connection found dead is invalidated (alone).
     """
     with engine.connect() as pooled:
         connection = pooled.connection.driver_connection
         try:
             with connection.pipeline():
-                bind(connection.cursor(), user_id)
+                bind(connection.cursor(), user_id, _timeouts_of(engine))
                 yield connection
                 connection.commit()
         except BaseException as exc:
             if connection.broken or connection.closed:
                 pooled.invalidate(exc if isinstance(exc, Exception) else None)
-                engine.dispose()
             else:
                 try:
                     connection.rollback()
@@ -87,12 +118,11 @@ def snapshot(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                bind(cursor, user_id)
+                bind(cursor, user_id, _timeouts_of(engine))
             yield connection
         except BaseException as exc:
             if connection.broken or connection.closed:
                 pooled.invalidate(exc if isinstance(exc, Exception) else None)
-                engine.dispose()
             raise
         finally:
             if not (connection.broken or connection.closed):
@@ -103,7 +133,7 @@ def _bind_session_transaction(session, transaction, connection) -> None:
     user_id = _current_user.get()
     if user_id is not None:
         with connection.connection.driver_connection.cursor() as cursor:
-            bind(cursor, user_id)
+            bind(cursor, user_id, _timeouts_of(connection.engine))
 
 
 def install(session_target=Session) -> None:

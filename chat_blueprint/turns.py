@@ -26,6 +26,7 @@ network round trip for a turn without a key).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import queue
 import threading
@@ -35,12 +36,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import psycopg
+import psycopg.errors
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine
 
 from . import idempotency, rate_limit, tenancy
 from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMessage, Reply, stream_reply
-from .errors import DATABASE_ERRORS, ApiError, DatabaseUnavailable
+from .errors import DATABASE_ERRORS, ApiError, database_failure
 from .history import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
 from .observability import observe_assistant
@@ -126,6 +129,48 @@ WITH locked AS (
 )
 SELECT id FROM reply
 """
+
+
+STORED_REPLY = """
+SELECT id, content, tool_calls, model, finish_reason, usage FROM message
+WHERE conversation_id = %(conversation_id)s AND reply_to = %(reply_to)s AND user_id = %(user_id)s
+"""
+
+REPLY_TO_INDEX = "uq_message_reply_to"
+
+# What storing a reply raises when it holds something PostgreSQL refuses that
+# `storable` did not foresee: the assistant's fault (502), not the client's.
+UNSTORABLE = (psycopg.DataError, UnicodeError)
+
+
+def _storable_text(text: str) -> str:
+    """PostgreSQL text and jsonb hold neither NUL nor a lone surrogate (which
+    UTF-8 cannot encode): each becomes U+FFFD, the replacement character."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _storable_json(value):
+    if isinstance(value, str):
+        return _storable_text(value)
+    if isinstance(value, list):
+        return [_storable_json(item) for item in value]
+    if isinstance(value, dict):
+        return {_storable_text(str(key)): _storable_json(item) for key, item in value.items()}
+    return value
+
+
+def storable(reply: Reply) -> Reply:
+    """`reply` as PostgreSQL can store it: a model may send NUL characters or
+    lone surrogates (valid JSON escapes) in its text or in tool-call arguments."""
+    return dataclasses.replace(reply, text=_storable_text(reply.text), tool_calls=_storable_json(reply.tool_calls),
+                               model=_storable_json(reply.model), finish_reason=_storable_json(reply.finish_reason),
+                               usage=_storable_json(reply.usage))
 
 
 class AssistantFailed(ApiError):
@@ -255,11 +300,16 @@ class Turns:
                     return Replay(outcome.response)
                 if outcome.state is KeyState.RESUME:
                     return self._resume(connection, request, outcome)
+            limited = None
             if self.rate_limit is not None:
-                rate_limit.take_turn(connection, request.user_id, self.rate_limit)
-            return self._store_user_message(connection, request)
+                limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
+            return self._store_user_message(connection, request, limited)
 
-    def _store_user_message(self, connection, request: TurnRequest) -> PendingTurn:
+    def _store_user_message(self, connection, request: TurnRequest,
+                            limited: rate_limit.PendingTake | None = None) -> PendingTurn:
+        """Store the message; with a rate limit, its step went out first in the
+        same transaction, and a 429 or a 404 rolls both back, so a turn into
+        an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
                   "limit": self.history_limit}
@@ -269,12 +319,14 @@ class Turns:
         else:
             stored.execute(STORE_IN_CONVERSATION, params)
             window.execute(LATEST_WINDOW, params)
-        if request.claim is None:
+        if request.claim is None and limited is None:
             # Nothing to undo if the conversation is unknown: send it all in one round trip.
             connection.commit()
+        if limited is not None:
+            limited.check()  # 429: the message goes with the rollback
         row = stored.fetchone()
         if row is None:
-            raise ConversationNotFound()  # under a key, this rolls the claim back
+            raise ConversationNotFound()  # rolls back the claim and the rate-limit step
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
@@ -290,10 +342,15 @@ class Turns:
                                          "user_id": request.user_id})
         window.execute(HISTORY_WINDOW, {"conversation_id": outcome.conversation_id, "up_to": outcome.user_message_id,
                                         "limit": self.history_limit})
-        connection.commit()
         row = turn.fetchone()
         if row is None:
+            # The conversation was deleted since: the key can never be
+            # answered, so it ends failed (not running, which would make every
+            # retry a 409 until it is stale) and every retry is this 404.
+            idempotency.fail(connection, request.user_id, request.claim.key)
+            connection.commit()
             raise ConversationNotFound()
+        connection.commit()
         return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
                            _window(window.fetchall()), request.claim.key)
 
@@ -346,7 +403,38 @@ class Turns:
     # Step 3
 
     def finish(self, pending: PendingTurn, reply: Reply) -> dict:
-        """Store the reply and, under a key, the answer; return the answer."""
+        """Store the reply and, under a key, the answer; return the answer.
+
+        The reply is made storable first (see `storable`). If another request
+        answered the same user message meanwhile (a retry that took over the
+        key of a slow first request), the unique index on `reply_to` refuses
+        this reply, and the answer is the one stored.
+        """
+        reply = storable(reply)
+        try:
+            return self._store_reply(pending, reply)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != REPLY_TO_INDEX:
+                raise
+        stored = self._stored_reply(pending)
+        if stored is None:
+            raise ConversationNotFound()
+        return stored
+
+    def _stored_reply(self, pending: PendingTurn) -> dict | None:
+        with tenancy.transaction(self.engine, pending.user_id) as connection:
+            found = connection.cursor()
+            found.execute(STORED_REPLY, {"conversation_id": pending.conversation_id,
+                                         "reply_to": pending.user_message_id, "user_id": pending.user_id})
+            row = found.fetchone()
+        if row is None:
+            return None
+        assistant_message_id, content, tool_calls, model, finish_reason, usage = row
+        return {"conversation_id": str(pending.conversation_id), "response": content, "tool_calls": tool_calls,
+                "user_message_id": pending.user_message_id, "assistant_message_id": assistant_message_id,
+                "model": model, "finish_reason": finish_reason, "usage": usage}
+
+    def _store_reply(self, pending: PendingTurn, reply: Reply) -> dict:
         response = {
             "conversation_id": str(pending.conversation_id),
             "response": reply.text,
@@ -392,9 +480,13 @@ class Turns:
             yield
         except Exception as failure:
             self.fail(pending)
+            if isinstance(failure, UNSTORABLE):
+                log.error("the assistant's reply could not be stored: %s", type(failure).__name__)
+                raise AssistantFailed(502, "assistant_failed", "the assistant's reply could not be stored",
+                                      pending) from None
             if isinstance(failure, DATABASE_ERRORS):
                 log.warning("chat turn unanswered: database unavailable (%s)", type(failure).__name__)
-                raise DatabaseUnavailable() from None
+                raise database_failure(failure) from None
             raise
 
 

@@ -185,6 +185,14 @@ def gunicorn(database_url: str, *, workers: int = 1, threads: int = 8, wait_read
         log.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session")
+def shared_server(app_url):
+    """One gunicorn with the default settings, for the modules that need
+    nothing else (each test uses users of its own): one start-up for all."""
+    with gunicorn(app_url, threads=8) as server:
+        yield server
+
+
 def wait_until_serving(server: Server, timeout_s: float = 90.0) -> None:
     """Until gunicorn answers /healthz. Its master listens before a worker has
     booted, so a probe may wait on a busy machine: that is not a failure."""

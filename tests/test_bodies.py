@@ -7,16 +7,15 @@ import json
 
 import pytest
 import requests
-from conftest import connect, gunicorn, make_user, raw_exchange
+from conftest import connect, make_user, raw_exchange
 
 MIB = 1024 * 1024
 VALID_TASK = b'{"title": "smuggled"}'
 
 
-@pytest.fixture(scope="module")
-def server(app_url):
-    with gunicorn(app_url, threads=4) as server:
-        yield server
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 def head(user, path: str = "tasks", extra: str = "") -> bytes:

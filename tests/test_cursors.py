@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
-from conftest import gunicorn, make_user
+from conftest import make_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,13 +108,12 @@ def test_any_cursor_through_the_routes_is_a_page_or_a_422(app, owner, cursor, ro
         assert response.get_json()["error"]["fields"].keys() == {"cursor"}
 
 
-def test_the_crafted_conversation_cursor_is_422_over_gunicorn(app_url):
+def test_the_crafted_conversation_cursor_is_422_over_gunicorn(shared_server):
     """The finding: base64url of `["2026-12-31T00:00:00+00:00", 1]` raised in uuid.UUID (a 500)."""
     user = make_user()
-    with gunicorn(app_url, threads=2) as server:
-        for where_the_uuid_goes in (1, [1], {"a": 1}, None, True, 1.5):
-            cursor = encode(["2026-12-31T00:00:00+00:00", where_the_uuid_goes])
-            response = requests.get(f"{server.url}/api/{user.id}/conversations", params={"cursor": cursor},
-                                    headers=user.headers, timeout=10)
-            assert response.status_code == 422, (where_the_uuid_goes, response.text)
-            assert response.json()["error"]["fields"] == NOT_OUR_CURSOR
+    for where_the_uuid_goes in (1, [1], {"a": 1}, None, True, 1.5):
+        cursor = encode(["2026-12-31T00:00:00+00:00", where_the_uuid_goes])
+        response = requests.get(f"{shared_server.url}/api/{user.id}/conversations", params={"cursor": cursor},
+                                headers=user.headers, timeout=10)
+        assert response.status_code == 422, (where_the_uuid_goes, response.text)
+        assert response.json()["error"]["fields"] == NOT_OUR_CURSOR

@@ -43,9 +43,11 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert {table for table, _ in upgraded[1]} == set(ISOLATED_TABLES)
         assert dict(upgraded[2])["message"] == "DELETE,INSERT,SELECT"
         assert dict(upgraded[2])["chat_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
+        assert dict(upgraded[2])["write_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
-                               ("prune_idempotency_keys", True, owner_only)]
+                               ("prune_idempotency_keys", True, owner_only),
+                               ("prune_write_rate_limits", True, owner_only)]
         flask_db(cluster, "downgrade", "base")
         assert isolation_state(cluster) == [[], [], [], []]
         flask_db(cluster, "upgrade")

@@ -9,7 +9,7 @@ import pytest
 from conftest import connect
 from psycopg import errors
 
-TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit")
+TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit")
 
 
 def seed(url: str, user_id: str) -> dict:
@@ -25,6 +25,7 @@ def seed(url: str, user_id: str) -> dict:
         conn.execute("insert into idempotency_key (user_id, key, request_hash, status) values (%s, 'k', 'h', 'done')",
                      (user_id,))
         conn.execute("insert into chat_rate_limit (user_id, tat) values (%s, now())", (user_id,))
+        conn.execute("insert into write_rate_limit (user_id, tat) values (%s, now())", (user_id,))
     return {"conversation": conversation_id, "message": message_id, "task": task_id}
 
 

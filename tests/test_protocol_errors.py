@@ -9,7 +9,7 @@ import time
 
 import jwt
 import pytest
-from conftest import SECRET, gunicorn, make_user, raw_exchange
+from conftest import SECRET, make_user, raw_exchange
 from stack import nginx
 
 from chat_blueprint import auth
@@ -17,15 +17,14 @@ from chat_blueprint import auth
 TOKEN_BYTES = 16 * 1024
 
 
-@pytest.fixture(scope="module")
-def server(app_url):
-    with gunicorn(app_url, threads=4) as server:
-        yield server
+@pytest.fixture
+def server(shared_server):
+    return shared_server
 
 
 @pytest.fixture(scope="module")
-def balancer(server):
-    with nginx([server.url]) as balancer:
+def balancer(shared_server):
+    with nginx([shared_server.url]) as balancer:
         yield balancer
 
 

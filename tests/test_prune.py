@@ -47,9 +47,9 @@ def add_key(app_url: str, user_id: str, key: str, age_s: float) -> None:
                      (user_id, key, age_s))
 
 
-def add_rate_state(app_url: str, user_id: str, tat_from_now_s: float) -> None:
+def add_rate_state(app_url: str, user_id: str, tat_from_now_s: float, table: str = "chat_rate_limit") -> None:
     with connect(app_url, user_id) as conn:
-        conn.execute("insert into chat_rate_limit (user_id, tat) values (%s, now() + make_interval(secs => %s))",
+        conn.execute(f"insert into {table} (user_id, tat) values (%s, now() + make_interval(secs => %s))",
                      (user_id, tat_from_now_s))
 
 
@@ -59,8 +59,10 @@ def keys_of(app_url: str, user_id: str) -> list[str]:
 
 
 def rate_state_of(app_url: str, user_id: str) -> int:
+    """The user's rows of both rate limits (chat turns and writes)."""
     with connect(app_url, user_id) as conn:
-        return conn.execute("select count(*) from chat_rate_limit").fetchone()[0]
+        return conn.execute("select (select count(*) from chat_rate_limit)"
+                            " + (select count(*) from write_rate_limit)").fetchone()[0]
 
 
 def new_user() -> str:
@@ -78,18 +80,20 @@ def test_prune_deletes_aged_keys_and_idle_rate_state_and_keeps_the_rest(own_clus
     idle, limiting = [new_user() for _ in range(3)], [new_user() for _ in range(2)]
     for user in idle:
         add_rate_state(app_url, user, -60)
+        add_rate_state(app_url, user, -1, "write_rate_limit")
     for user in limiting:
         add_rate_state(app_url, user, 3600)
+        add_rate_state(app_url, user, 30, "write_rate_limit")
 
     result = prune(own_cluster.url(OWNER_ROLE), "--batch-size", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"deleted 5 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)",
-        "deleted 3 idle rate-limit rows",
+        "deleted 6 idle rate-limit rows",
     ]
     assert keys_of(app_url, alice) == keys_of(app_url, bob) == ["fresh"]
     assert [rate_state_of(app_url, user) for user in idle] == [0, 0, 0]
-    assert [rate_state_of(app_url, user) for user in limiting] == [1, 1]
+    assert [rate_state_of(app_url, user) for user in limiting] == [2, 2]
 
     code, output = prune_in_process(own_cluster.url(OWNER_ROLE))
     assert code == 0, output
@@ -129,7 +133,8 @@ def test_the_app_role_cannot_prune_and_still_sees_nothing_without_a_user(own_clu
     code, output = prune_in_process(app_url)
     assert code == 1
     assert "may not prune" in output and "owner" in output and "Traceback" not in output
-    for call in ("select prune_idempotency_keys(0, 1000)", "select * from prune_chat_rate_limits('', 1000)"):
+    for call in ("select prune_idempotency_keys(0, 1000)", "select * from prune_chat_rate_limits('', 1000)",
+                 "select * from prune_write_rate_limits('', 1000)"):
         with connect(app_url) as conn, pytest.raises(errors.InsufficientPrivilege):
             conn.execute(call)
 
@@ -165,13 +170,15 @@ def maintenance_url(own_cluster):
             sql.Identifier(MAINTENANCE_ROLE), sql.Literal(MAINTENANCE_PASSWORD)))
     with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION prune_idempotency_keys(double precision, integer),"
-                             " prune_chat_rate_limits(text, integer) TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
+                             " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer)"
+                             " TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
     try:
         yield f"postgresql://{MAINTENANCE_ROLE}:{MAINTENANCE_PASSWORD}@127.0.0.1:{own_cluster.port}/chat"
     finally:
         with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
             conn.execute(sql.SQL("REVOKE ALL ON FUNCTION prune_idempotency_keys(double precision, integer),"
-                                 " prune_chat_rate_limits(text, integer) FROM {}").format(
+                                 " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer)"
+                                 " FROM {}").format(
                 sql.Identifier(MAINTENANCE_ROLE)))
         with psycopg.connect(own_cluster.url(SUPERUSER, "postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(MAINTENANCE_ROLE)))
