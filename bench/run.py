@@ -20,14 +20,16 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
 
 The phases marked * depend on the runtime: they run once per runtime of
-BENCH_RUNTIMES (default gthread,gevent; see RUNTIMES), one after another, so
+BENCH_RUNTIMES (default gevent,gthread; see RUNTIMES), one after another, so
 both see the same machine. The first runtime's figures carry the plain names,
 the others' are prefixed (`gevent.inflight_turns_per_s`).
 
 The CPU of each process group (the gunicorn servers, PostgreSQL, the load
 generator, the upstream, this harness) is read from /proc/<pid>/stat (and
 getrusage for the load generators, which exit) around each measured load,
-never around start-up, so CPU per turn can be compared between phases.
+never around start-up or warm-up, so CPU per turn can be compared between
+phases and runtimes; on a shared machine it moves far less than turns/s.
+Results go to bench/results/latest.json, the servers' logs to bench/results/logs/.
 """
 from __future__ import annotations
 
@@ -80,12 +82,16 @@ RLS_CONCURRENCY = 64  # when the app phase did not run to find the best
 BASELINE = os.environ.get("BENCH_BASELINE")
 RUNTIMES = {
     "conf": {},  # gunicorn.conf.py as it is
+    "gevent": {"GUNICORN_WORKER_CLASS": "gevent"},
     # 4 workers x 256 threads: enough threads for 1,000 turns in flight.
-    "gthread": {"GUNICORN_CMD_ARGS": "--worker-class gthread --threads 256"},
-    "gevent": {"GUNICORN_CMD_ARGS": "--worker-class gevent --worker-connections 2000"},
+    "gthread": {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "256"},
 }
-RUNTIME_NAMES = os.environ.get("BENCH_RUNTIMES", "gthread,gevent").split(",")
-SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "DATABASE_POOL_SIZE": "2"}
+RUNTIME_NAMES = os.environ.get("BENCH_RUNTIMES", "gevent,gthread").split(",")
+# The baseline pins its runtime on gunicorn's command line, which any revision's
+# gunicorn.conf.py obeys: gthread, the runtime of revisions before gevent (whose
+# master imported psycopg before a gevent worker could patch it).
+SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "DATABASE_POOL_SIZE": "2",
+                "GUNICORN_CMD_ARGS": "--worker-class gthread --threads 64"}
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
 RESULTS = ROOT / "bench" / "results"
 NORLS_DATABASE = "chat_norls"
@@ -182,11 +188,16 @@ def pgbench_script() -> str:
         "tool_calls": "'[]'::jsonb",
         "reply_to": "currval(pg_get_serial_sequence('message', 'id'))",
         "response": "'{\"assistant_message_id\": null}'::jsonb",
+        "model": "'builtin'",
+        "finish_reason": "'stop'",
+        "usage": "NULL::jsonb",
     }
 
     def statement(sql: str) -> str:
         for name, value in values.items():
             sql = sql.replace(f"%({name})s", value)
+        if unknown := re.findall(r"%\((\w+)\)s", sql):
+            raise RuntimeError(f"pgbench_script: no value for the turn's parameters {unknown}")
         return " ".join(sql.split())
 
     bind = "SELECT set_config('app.user_id', 'bench-' || :u, true);"
@@ -325,7 +336,7 @@ def gunicorn(database_url: str, work: Path, name: str, root: Path = ROOT, **env)
     """The launcher the tests use, serving once /readyz answers; logs stay in `work`."""
     environment = {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, **env}
     with serve(environment, root=root, log=work / f"gunicorn-{name}.log", ready_path="/readyz",
-               stop_timeout_s=30) as server:
+               start_timeout_s=120, stop_timeout_s=30) as server:
         yield server
 
 
@@ -590,7 +601,7 @@ def rls(bench: Bench, connections: int) -> dict:
             "connections": connections, "cpu": cpu.report()}
 
 
-def baseline(bench: Bench, revision: str, runtime: dict) -> dict:
+def baseline(bench: Bench, revision: str) -> dict:
     """The app at `revision` (a git worktree) against the app as it is, on the
     same database and runtime, measured in turns (A B A B A B) at 16 clients;
     with each server's CPU per turn over its own runs."""
@@ -598,11 +609,11 @@ def baseline(bench: Bench, revision: str, runtime: dict) -> dict:
     tree = bench.work / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
                    capture_output=True)
-    same = {**SAME_RUNTIME, **runtime}
     cpu = {"before": Cpu(bench.cluster), "after": Cpu(bench.cluster)}
     try:
-        with gunicorn(bench.app_url, bench.work, "baseline", root=tree, PYTHONPATH=str(tree), **same) as before, \
-                gunicorn(bench.app_url, bench.work, "current", **same) as after:
+        with gunicorn(bench.app_url, bench.work, "baseline", root=tree, PYTHONPATH=str(tree),
+                      **SAME_RUNTIME) as before, \
+                gunicorn(bench.app_url, bench.work, "current", **SAME_RUNTIME) as after:
             servers = {"before": before, "after": after}
             runs = {"before": [], "after": []}
             for name, server in servers.items():
@@ -629,9 +640,11 @@ def slow(bench: Bench, runtime: str) -> dict:
     cpu = Cpu(bench.cluster)
     with slow_upstream(SLOW_ASSISTANT_S) as (upstream, base_url), \
             gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
-            as server, ConnectionWatcher(bench.superuser_url) as watcher, \
-            cpu.measure(servers=[server], upstreams=[upstream]):
-        run = wrk(server.url, bench.work, f"slow-{runtime}", bench.targets, SLOW_CLIENTS, seconds=max(SECONDS, 5))
+            as server:
+        wrk(server.url, bench.work, f"warmup-slow-{runtime}", bench.targets, 16, seconds=min(SECONDS, 5))
+        with ConnectionWatcher(bench.superuser_url) as watcher, cpu.measure(servers=[server], upstreams=[upstream]):
+            run = wrk(server.url, bench.work, f"slow-{runtime}", bench.targets, SLOW_CLIENTS,
+                      seconds=max(SECONDS, 5))
     log(f"slow [{runtime}]: most app-role connections open {watcher.max_open}, busy {watcher.max_active}")
     return {**run, "max_db_connections": watcher.max_open, "max_active_db_connections": watcher.max_active,
             "cpu": cpu.report()}
@@ -647,7 +660,7 @@ def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args
     with slow_upstream(**upstream_args) as (upstream, base_url), \
             gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
             as server:
-        load(bench.work, f"warmup-{name}", turns_spec(server, targets, 16, 0, stream))
+        load(bench.work, f"warmup-{name}", turns_spec(server, targets, 32, 0, stream))
         with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
                 cpu.measure(servers=[server], upstreams=[upstream]):
             run = load(bench.work, f"{name}-{runtime}",
@@ -693,7 +706,7 @@ PHASES = {
     "app": lambda bench, done, runtime: app(bench, CONCURRENCIES),
     "history": lambda bench, done, runtime: history(bench),
     "rls": lambda bench, done, runtime: rls(bench, best_concurrency(done.get("app"))),
-    "baseline": lambda bench, done, runtime: baseline(bench, BASELINE, RUNTIMES[runtime]),
+    "baseline": lambda bench, done, runtime: baseline(bench, BASELINE),
     "slow": lambda bench, done, runtime: slow(bench, runtime),
     "inflight": lambda bench, done, runtime: inflight(bench, runtime),
     "stream": lambda bench, done, runtime: stream(bench, runtime),
@@ -728,6 +741,13 @@ def ratio(numerator: float, denominator: float) -> float:
     return round(numerator / denominator, 3)
 
 
+def server_cpu_ms_per_turn(run: dict) -> float:
+    """The servers' CPU over the run per turn answered: unlike turns/s, hardly
+    moved by what else runs on the machine."""
+    answered = run["requests"] - failures(run)
+    return round(1000 * run["cpu"]["server"] / answered, 2) if answered else float("nan")
+
+
 def summarize(results: dict) -> dict:
     """The figures the issues ask for, from the phases that ran."""
     summary = {}
@@ -756,18 +776,21 @@ def summarize(results: dict) -> dict:
             summary[prefix + "slow_turns_per_s"] = round(found["per_s"], 1)
             summary[prefix + "slow_p99_ms"] = round(found["p99_ms"], 1)
             summary[prefix + "slow_max_db_connections"] = found["max_db_connections"]
+            summary[prefix + "slow_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
         if (found := results.get(key("inflight", runtime))) is not None:
             summary[prefix + "inflight_turns_per_s"] = found["per_s"]
             summary[prefix + "inflight_ideal_ratio"] = ratio(found["per_s"], ideal_per_s)
             summary[prefix + "inflight_p99_ms"] = found["p99_ms"]
             summary[prefix + "inflight_max_db_connections"] = found["max_db_connections"]
             summary[prefix + "inflight_max_rss_mb"] = found["max_rss_mb"]
+            summary[prefix + "inflight_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
         if (found := results.get(key("stream", runtime))) is not None:
             summary[prefix + "stream_turns_per_s"] = found["per_s"]
             summary[prefix + "stream_ideal_ratio"] = ratio(found["per_s"], ideal_stream_per_s)
             summary[prefix + "stream_first_delta_p99_ms"] = found["first_delta_p99_ms"]
             summary[prefix + "stream_max_rss_mb"] = found["max_rss_mb"]
             summary[prefix + "stream_max_db_connections"] = found["max_db_connections"]
+            summary[prefix + "stream_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
         if (found := results.get(key("slowclients", runtime))) is not None:
             summary[prefix + "slowclients_healthz_ms"] = found["healthz_max_ms"]
     return summary
@@ -865,13 +888,18 @@ def main() -> int:
         (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
         errors = sum(failures(run) for run in runs_of(results))
         print(f"\nbench: {SECONDS:g}s per phase on {results['machine']}; runtimes {', '.join(RUNTIME_NAMES)}; "
-              f"failed requests: {errors}; results in bench/results/\n")
+              f"failed requests: {errors}; results and server logs in bench/results/\n")
         for name, value in summary.items():
             print(f"{name}={value}")
         print(f"\nCPU seconds of each process group during each phase's measured load:\n{cpu_table(results)}")
         return 0 if errors == 0 else 1
     finally:
         cluster.stop()
+        logs = RESULTS / "logs"
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for path in work.glob("gunicorn-*.log"):
+            shutil.copy(path, logs)
         shutil.rmtree(work, ignore_errors=True)
 
 

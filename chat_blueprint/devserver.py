@@ -65,7 +65,7 @@ class Server:
         finally:
             connection.close()
 
-    def wait_until_serving(self, timeout_s: float = 30.0, path: str = "/healthz") -> None:
+    def wait_until_serving(self, timeout_s: float = 90.0, path: str = "/healthz") -> None:
         """Until `path` answers 200. The master listens before a worker has
         booted, so a probe may wait on a busy machine: that is not a failure."""
         deadline = time.monotonic() + timeout_s
@@ -91,7 +91,7 @@ class Server:
 
 @contextmanager
 def serve(env: Mapping[str, str], *, root: Path = ROOT, host: str = "127.0.0.1", port: int | None = None,
-          log: Path | None = None, wait: bool = True, ready_path: str = "/healthz", start_timeout_s: float = 30.0,
+          log: Path | None = None, wait: bool = True, ready_path: str = "/healthz", start_timeout_s: float = 90.0,
           stop_timeout_s: float = 20.0) -> Iterator[Server]:
     """gunicorn from `root` with `env` added to the current environment.
 
