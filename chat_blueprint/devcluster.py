@@ -21,8 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -238,19 +236,6 @@ def hold_run_lock(root: Path):
     return handle
 
 
-def serving(url: str, server: subprocess.Popen, timeout_s: float = 120.0) -> bool:
-    """Wait until gunicorn answers /healthz (False if it exits first)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.2)
-    return server.poll() is None
-
-
 def greeting(base: str, user: str, token: str, secret_hint: str) -> str:
     curl = (f"curl -s -X POST {base}/api/{user}/chat -H 'Authorization: Bearer {token}' "
             "-H 'Content-Type: application/json' -d '{\"message\": \"hello\"}'")
@@ -291,21 +276,28 @@ def run(root: Path) -> int:
         secret = os.environ["BETTER_AUTH_SECRET"] if own_secret else dev_secret(cluster.root)
         env = {**os.environ, "BETTER_AUTH_SECRET": secret}
         migrate(cluster, env)
-        env.update(DATABASE_URL=cluster.url(APP_ROLE), PORT=str(port), HOST=host)
-        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], env=env)
+        env.update(DATABASE_URL=cluster.url(APP_ROLE))
+        from .devserver import ServerError, serve  # it builds on this module
 
-        def forward(signum, frame):
-            if server.poll() is None:
-                server.send_signal(signum)
+        with serve(env, host=host, port=port, wait=False) as server:
 
-        signal.signal(signal.SIGINT, forward)
-        signal.signal(signal.SIGTERM, forward)
-        base = f"http://127.0.0.1:{port}" if host in ("127.0.0.1", "0.0.0.0", "localhost") else f"http://{host}:{port}"
-        if serving(base, server):
-            hint = ("signed with your BETTER_AUTH_SECRET" if own_secret else
-                    f"the dev secret is in {cluster.root / 'auth_secret'}")
-            print(greeting(base, DEV_USER, mint_token(secret, DEV_USER, DEV_TOKEN_TTL_S), hint), flush=True)
-        return server.wait()
+            def forward(signum, frame):
+                if server.process.poll() is None:
+                    server.process.send_signal(signum)
+
+            signal.signal(signal.SIGINT, forward)
+            signal.signal(signal.SIGTERM, forward)
+            local = host in ("127.0.0.1", "0.0.0.0", "localhost")
+            base = f"http://127.0.0.1:{port}" if local else f"http://{host}:{port}"
+            try:
+                server.wait_until_serving(timeout_s=120)
+            except ServerError:
+                pass  # gunicorn said why on our stdout; its exit status is ours
+            else:
+                hint = ("signed with your BETTER_AUTH_SECRET" if own_secret else
+                        f"the dev secret is in {cluster.root / 'auth_secret'}")
+                print(greeting(base, DEV_USER, mint_token(secret, DEV_USER, DEV_TOKEN_TTL_S), hint), flush=True)
+            return server.process.wait()
     finally:
         cluster.stop()
         if started:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +16,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import requests
 
 from chat_blueprint import create_app
 from chat_blueprint.auth import mint_token
@@ -32,6 +27,7 @@ from chat_blueprint.devcluster import (
     free_port,
     migrate,
 )
+from chat_blueprint.devserver import Server, serve
 from chat_blueprint.extensions import db
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,46 +138,19 @@ def connect(url: str, user_id: str | None = None):
         yield conn
 
 
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @contextmanager
 def gunicorn(database_url: str, *, workers: int = 1, threads: int = 8, wait_ready=True, **env):
-    """Real gunicorn with gunicorn.conf.py on a free loopback port."""
-    port = free_port()
+    """Real gunicorn with gunicorn.conf.py on a free loopback port (the launcher
+    `make run` and the benchmarks use too), logging to a file of its own."""
     log = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
-    environment = {
-        **os.environ,
-        **app_env(database_url, **env),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "WEB_CONCURRENCY": str(workers),
-        "GUNICORN_THREADS": str(threads),
-        "GUNICORN_GRACEFUL_TIMEOUT": "10",
-    }
-    with log.open("w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                                   cwd=ROOT, env=environment, stdout=sink, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    environment = {**app_env(database_url, **env), "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": str(threads),
+                   "GUNICORN_GRACEFUL_TIMEOUT": "10"}
     try:
-        if wait_ready:
-            wait_until_serving(server)
-        yield server
+        with serve(environment, log=log, wait=False) as server:
+            if wait_ready:
+                wait_until_serving(server)
+            yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
         log.unlink(missing_ok=True)
 
 
@@ -196,17 +165,7 @@ def shared_server(app_url):
 def wait_until_serving(server: Server, timeout_s: float = 90.0) -> None:
     """Until gunicorn answers /healthz. Its master listens before a worker has
     booted, so a probe may wait on a busy machine: that is not a failure."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {server.process.returncode}:\n{server.output()}")
-        try:
-            if requests.get(server.url + "/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"gunicorn did not answer within {timeout_s}s:\n{server.output()}")
+    server.wait_until_serving(timeout_s)
 
 
 def assert_burst_stored(app_url: str, user: User, conversation_id: str, answers: list[dict], burst: int) -> None:

@@ -25,7 +25,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -35,6 +34,7 @@ from fake_llm import FakeChatCompletions
 from stack import scaled_out
 
 from chat_blueprint.devcluster import APP_ROLE, SUPERUSER, Cluster
+from chat_blueprint.devserver import child_pids
 
 CLIENTS = 4
 PAUSE_S = 0.05
@@ -277,19 +277,6 @@ def test_database_outage_under_load(own_cluster, path):
     assert set(in_doubt) <= {503}, "a stored turn whose client saw neither 200 nor 503"
 
 
-def worker_pids(master: int) -> set[int]:
-    """The gunicorn master's child processes, from /proc."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == master:
-            children.add(int(stat.parent.name))
-    return children
-
-
 def wait_until(condition, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -302,7 +289,7 @@ def wait_until(condition, timeout_s: float, what: str):
 
 def replacement(master: int, before: set[int]) -> set[int]:
     """The master's new workers, once it runs as many as `before` again."""
-    now = worker_pids(master)
+    now = child_pids(master)
     return now - before if len(now) == len(before) else set()
 
 
@@ -326,7 +313,7 @@ def test_killed_workers_are_replaced_and_acknowledged_turns_are_stored(app_url, 
     with gunicorn(app_url, workers=2, threads=8, wait_ready=False, **openai_env(slow_llm)) as server:
         wait_until_serving(server)
         clients = open_conversations(server.url, 6, "killed")
-        original = wait_until(lambda: worker_pids(server.process.pid) if len(worker_pids(server.process.pid)) == 2
+        original = wait_until(lambda: server.worker_pids() if len(server.worker_pids()) == 2
                               else None, 10, "two workers")
         kills, workers = [], set(original)
         # A replacement gevent worker imports the app after the fork (the master
