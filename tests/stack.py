@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from conftest import Server, gunicorn, wait_until_serving
+from support import Server, gunicorn, wait_until_serving
 
 from chat_blueprint.devcluster import (
     APP_ROLE,

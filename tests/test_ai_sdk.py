@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import connect, gunicorn, make_user
+from support import connect, gunicorn, make_user
 from fake_llm import FakeChatCompletions, streamed
 
 CHECK = Path(__file__).resolve().parent / "ai_sdk"

@@ -8,7 +8,7 @@ import time
 
 import jwt
 import pytest
-from conftest import SECRET, built_app, make_user
+from support import SECRET, built_app, make_user
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwks_server import KeyServer
 from jwt.algorithms import OKPAlgorithm

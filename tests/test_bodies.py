@@ -7,7 +7,7 @@ import json
 
 import pytest
 import requests
-from conftest import connect, make_user, raw_exchange
+from support import connect, make_user, raw_exchange
 
 MIB = 1024 * 1024
 VALID_TASK = b'{"title": "smuggled"}'

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
-from conftest import built_app, connect
+from support import built_app, connect
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout
 from chat_blueprint.assistants.builtin import BuiltinAssistant

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import assert_burst_stored, gunicorn, make_user
+from support import assert_burst_stored, gunicorn, make_user
 
 SIMULTANEOUS = 24
 

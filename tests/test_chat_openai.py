@@ -4,7 +4,7 @@ and how failures and retries behave."""
 from __future__ import annotations
 
 import pytest
-from conftest import built_app, connect
+from support import built_app, connect
 from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
 
 API_KEY = "sk-test-key-that-must-never-leak-0123456789"

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 from browser import chromium
-from conftest import built_app, gunicorn, make_user
+from support import built_app, gunicorn, make_user
 
 from chat_blueprint.config import ConfigError, load_settings
 

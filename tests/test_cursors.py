@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
-from conftest import make_user
+from support import make_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

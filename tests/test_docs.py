@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from browser import chromium
-from conftest import gunicorn, make_user
+from support import gunicorn, make_user
 
 TIMEOUT_MS = 60_000
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 import requests
-from conftest import User, gunicorn, make_user, throwaway_cluster, wait_until_serving
+from support import User, gunicorn, make_user, throwaway_cluster, wait_until_serving
 from fake_llm import FakeChatCompletions
 from stack import scaled_out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import jwt
 import pytest
 import requests
-from conftest import ROOT
+from support import ROOT
 
 from chat_blueprint.devcluster import free_port
 

@@ -26,7 +26,7 @@ import hypothesis
 import pytest
 import requests
 import schemathesis
-from conftest import gunicorn, make_user
+from support import gunicorn, make_user
 from hypothesis import strategies as st
 from schemathesis.openapi.checks import RejectedPositiveData
 

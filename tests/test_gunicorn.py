@@ -6,7 +6,7 @@ import sys
 import time
 
 import requests
-from conftest import ROOT, connect, gunicorn, make_user
+from support import ROOT, connect, gunicorn, make_user
 
 from chat_blueprint.devcluster import free_port
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 import requests
-from conftest import built_app, gunicorn, make_user
+from support import built_app, gunicorn, make_user
 from psycopg import sql
 from test_gunicorn import refusal
 

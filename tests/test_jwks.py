@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jwt
 import pytest
 import requests
-from conftest import SECRET, built_app, gunicorn
+from support import SECRET, built_app, gunicorn
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import psycopg
-from conftest import ROOT, SECRET, throwaway_cluster
+from support import ROOT, SECRET, throwaway_cluster
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE
 from chat_blueprint.models import ISOLATED_TABLES

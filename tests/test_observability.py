@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from conftest import gunicorn, make_user
+from support import gunicorn, make_user
 
 SECRET_MESSAGE = "my bank password is hunter2-7c1e"
 

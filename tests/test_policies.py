@@ -6,7 +6,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import connect
+from support import connect
 from psycopg import errors
 
 TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit")

@@ -9,7 +9,7 @@ import time
 
 import jwt
 import pytest
-from conftest import SECRET, make_user, raw_exchange
+from support import SECRET, make_user, raw_exchange
 from stack import nginx
 
 from chat_blueprint import auth

@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import ROOT, built_app, connect, throwaway_cluster
+from support import ROOT, built_app, connect, throwaway_cluster
 from psycopg import errors, sql
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, free_port

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import built_app, connect, gunicorn, make_user
+from support import built_app, connect, gunicorn, make_user
 
 from chat_blueprint.config import ConfigError, load_settings
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from chat_blueprint.auth import MAX_TOKEN_BYTES, mint_token
-from conftest import SECRET, assert_burst_stored, connect, make_user
+from support import SECRET, assert_burst_stored, connect, make_user
 from stack import scaled_out
 
 SIMULTANEOUS = 24

@@ -7,7 +7,7 @@ import sys
 
 import jwt
 import pytest
-from conftest import ROOT, SECRET, built_app, make_user
+from support import ROOT, SECRET, built_app, make_user
 
 from chat_blueprint.config import ConfigError, load_settings, normalize_database_url
 from chat_blueprint.devcluster import free_port

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import connect, gunicorn, make_user
+from support import connect, gunicorn, make_user
 from fake_llm import FakeChatCompletions, status, streamed, text
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]

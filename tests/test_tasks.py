@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import connect
+from support import connect
 
 
 def add(client, user, **body):

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 import requests
-from conftest import built_app, connect, gunicorn, make_user
+from support import built_app, connect, gunicorn, make_user
 
 from chat_blueprint import tenancy
 from chat_blueprint.extensions import db

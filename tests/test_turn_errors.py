@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 import requests
-from conftest import built_app, connect, gunicorn, make_user
+from support import built_app, connect, gunicorn, make_user
 from fake_llm import FakeChatCompletions, slow, status, text, tool_calls
 
 from chat_blueprint import tenancy

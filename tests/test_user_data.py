@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import requests
-from conftest import built_app, connect, gunicorn, make_user
+from support import built_app, connect, gunicorn, make_user
 from psycopg import sql
 
 from chat_blueprint import data_rights
