@@ -9,8 +9,8 @@ import time
 import psycopg
 import pytest
 import requests
-from support import built_app, connect, gunicorn, make_user
 from fake_llm import FakeChatCompletions, slow, status, text, tool_calls
+from support import built_app, connect, gunicorn, make_user
 
 from chat_blueprint import tenancy
 from chat_blueprint.extensions import db
