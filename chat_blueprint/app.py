@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import tenancy
+from . import pool, tenancy
 from .assistants import build_assistant
 from .auth import TokenVerifier
 from .config import load_settings
@@ -53,6 +53,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     with app.app_context():
         observability.watch_pool(db.engine)
         tenancy.set_timeouts(db.engine, settings.statement_timeout_s, settings.lock_timeout_s)
+        pool.watch(db.engine)
 
     app.register_blueprint(service.bp)
     app.register_blueprint(tasks.bp)

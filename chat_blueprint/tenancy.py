@@ -21,8 +21,7 @@ A transaction that hits a timeout raises QueryCanceled or LockNotAvailable
 and is rolled back; errors.py answers 503 with Retry-After.
 
 A connection found dead is invalidated alone: the pool's other connections
-stay (one backend killed, or one that timed out, says nothing about them),
-and a dead one among them is found and replaced the same way when next used.
+stay, each checked once before its next use (see pool.py).
 """
 from __future__ import annotations
 
@@ -36,6 +35,8 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+
+from . import pool
 
 _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
 
@@ -98,6 +99,7 @@ def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
         except BaseException as exc:
             if connection.broken or connection.closed:
                 pooled.invalidate(exc if isinstance(exc, Exception) else None)
+                pool.found_dead(engine)
             else:
                 try:
                     connection.rollback()
@@ -123,6 +125,7 @@ def snapshot(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
         except BaseException as exc:
             if connection.broken or connection.closed:
                 pooled.invalidate(exc if isinstance(exc, Exception) else None)
+                pool.found_dead(engine)
             raise
         finally:
             if not (connection.broken or connection.closed):

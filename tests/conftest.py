@@ -7,7 +7,10 @@ that needs it errors loudly.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
+import requests
 from support import User, built_app, gunicorn, make_user, throwaway_cluster
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER
@@ -61,8 +64,22 @@ def bob() -> User:
 
 
 @pytest.fixture(scope="session")
-def shared_server(app_url):
-    """One gunicorn with the default settings, for the modules that need
-    nothing else (each test uses users of its own): one start-up for all."""
+def _shared_gunicorn(app_url):
     with gunicorn(app_url, threads=8) as server:
         yield server
+
+
+@pytest.fixture
+def shared_server(_shared_gunicorn):
+    """One gunicorn with the default settings, for the modules that need
+    nothing else (each test uses users of its own): one start-up for all.
+
+    A module in between may have restarted the database (test_faults): the
+    first request after that finds a dead pooled connection and answers 503,
+    as it should, so each test starts once /readyz answers 200 again."""
+    deadline = time.monotonic() + 30
+    while requests.get(f"{_shared_gunicorn.url}/readyz", timeout=10).status_code != 200:
+        if time.monotonic() > deadline:
+            raise AssertionError("the shared gunicorn is not ready:\n" + _shared_gunicorn.output()[-3000:])
+        time.sleep(0.2)
+    return _shared_gunicorn

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
-from support import make_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_user
 
 from chat_blueprint import cursors
 from chat_blueprint.models import BIGINT_MAX

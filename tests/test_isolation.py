@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 import requests
-from support import built_app, gunicorn, make_user
 from psycopg import sql
+from support import built_app, gunicorn, make_user
 from test_gunicorn import refusal
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE

@@ -9,8 +9,8 @@ import time
 
 import jwt
 import pytest
-from support import SECRET, make_user, raw_exchange
 from stack import nginx
+from support import SECRET, make_user, raw_exchange
 
 from chat_blueprint import auth
 

@@ -9,8 +9,8 @@ import time
 import psycopg
 import pytest
 import requests
-from support import built_app, connect, gunicorn, make_user
 from fake_llm import FakeChatCompletions, slow, status, text, tool_calls
+from support import built_app, connect, gunicorn, make_user
 
 from chat_blueprint import tenancy
 from chat_blueprint.extensions import db
@@ -144,32 +144,52 @@ def test_a_purge_racing_the_claim_of_an_expired_key_is_a_new_turn(server, llm, f
     assert key_row(app_url, fresh, "expired")[0] == "done"
 
 
+def warm_pool(engine, size: int) -> list[int]:
+    """Open `size` pooled connections at once, return them to the pool, and say their backends' pids."""
+    held = [engine.connect() for _ in range(size)]
+    pids = [connection.exec_driver_sql("select pg_backend_pid()").scalar() for connection in held]
+    for connection in held:
+        connection.rollback()
+        connection.close()
+    return pids
+
+
+def run_transactions(engine, user_id: str, count: int) -> tuple[int, set[int]]:
+    """`count` turn-style transactions: how many failed, and the backends of the others."""
+    failures, used = 0, set()
+    for _ in range(count):
+        try:
+            with tenancy.transaction(engine, user_id) as connection:
+                used.add(connection.execute("select pg_backend_pid()").fetchone()[0])
+        except psycopg.OperationalError:
+            failures += 1
+    return failures, used
+
+
 def test_one_broken_connection_leaves_the_rest_of_the_pool(app_url, superuser_url):
     """The finding: a dead connection made the turn's transaction helper
     dispose of the whole pool, dropping every healthy connection."""
     user = make_user()
     with built_app(app_url, DATABASE_POOL_SIZE=3) as app, app.app_context():
-        engine = db.engine
-        held = [engine.connect() for _ in range(3)]
-        pids = [connection.exec_driver_sql("select pg_backend_pid()").scalar() for connection in held]
-        for connection in held:
-            connection.rollback()
-            connection.close()
+        pids = warm_pool(db.engine, 3)
         with psycopg.connect(superuser_url, autocommit=True) as admin:
             admin.execute("select pg_terminate_backend(%s)", (pids[0],))
-            failures = 0
-            for _ in range(3):
-                try:
-                    with tenancy.transaction(engine, user.id) as connection:
-                        connection.execute("select 1")
-                except psycopg.OperationalError:
-                    failures += 1
-            assert failures == 1
+            failures, used = run_transactions(db.engine, user.id, 6)
             alive = {row[0] for row in admin.execute("select pid from pg_stat_activity where pid = any(%s)",
                                                      (pids[1:],))}
-        assert alive == set(pids[1:]), "healthy pooled connections were closed"
-        used = set()
-        for _ in range(3):
-            with tenancy.transaction(engine, user.id) as connection:
-                used.add(connection.execute("select pg_backend_pid()").fetchone()[0])
-        assert set(pids[1:]) <= used and pids[0] not in used
+    assert failures == 1
+    assert alive == set(pids[1:]), "healthy pooled connections were closed"
+    assert set(pids[1:]) <= used and pids[0] not in used
+
+
+def test_after_every_backend_died_one_transaction_fails_not_each(app_url, superuser_url):
+    """With the pool no longer disposed of, the others found dead must not
+    each cost a request: each is checked before its next use and replaced."""
+    user = make_user()
+    with built_app(app_url, DATABASE_POOL_SIZE=3) as app, app.app_context():
+        pids = warm_pool(db.engine, 3)
+        with psycopg.connect(superuser_url, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(pid) from unnest(%s::int[]) pid", (pids,))
+        failures, used = run_transactions(db.engine, user.id, 6)
+    assert failures == 1
+    assert used and not used & set(pids)
