@@ -85,6 +85,7 @@ RUNTIMES = {
     "gevent": {"GUNICORN_WORKER_CLASS": "gevent"},
     # 4 workers x 256 threads: enough threads for 1,000 turns in flight.
     "gthread": {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "256"},
+    "gthread64": {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "64"},  # the runtime before gevent
 }
 RUNTIME_NAMES = os.environ.get("BENCH_RUNTIMES", "gevent,gthread").split(",")
 # The baseline pins its runtime on gunicorn's command line, which any revision's
