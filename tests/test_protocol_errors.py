@@ -23,9 +23,15 @@ def server(shared_server):
 
 
 @pytest.fixture(scope="module")
-def balancer(shared_server):
-    with nginx([shared_server.url]) as balancer:
+def nginx_in_front(_shared_gunicorn):
+    with nginx([_shared_gunicorn.url]) as balancer:
         yield balancer
+
+
+@pytest.fixture
+def balancer(nginx_in_front, shared_server):
+    """nginx in front of the shared gunicorn, once that answers /readyz."""
+    return nginx_in_front
 
 
 def get(path: str, *headers: str) -> bytes:
