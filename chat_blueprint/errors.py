@@ -19,7 +19,8 @@ RETRY_AFTER_S = "2"
 # Every way the database can be unreachable: psycopg's own errors (raw SQL),
 # SQLAlchemy's wrappers of them (the ORM, `engine.connect()`), and a pool that
 # has no connection to give within DATABASE_POOL_TIMEOUT_S.
-DATABASE_ERRORS = (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+DATABASE_ERRORS = (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                   sa_exc.DisconnectionError)
 
 # A 422 lists the fields that failed, but never more than this many bytes of
 # them (as JSON), so a body of thousands of unknown keys cannot make an answer
