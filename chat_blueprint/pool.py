@@ -27,6 +27,8 @@ from sqlalchemy.engine import Engine
 
 _dead_found_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _watched: weakref.WeakSet = weakref.WeakSet()
+_replaced: weakref.WeakSet = weakref.WeakSet()  # checkouts whose connection was replaced once already
+CHECKED_AT = "chat_blueprint.checked_at"
 
 
 def found_dead(engine: Engine) -> None:
@@ -40,22 +42,30 @@ def watch(engine: Engine) -> None:
     _watched.add(engine)
     engine_ref = weakref.ref(engine)
 
+    def stamp_new_connection(dbapi_connection, record) -> None:
+        record.info[CHECKED_AT] = time.time()  # a connection just made is known to work
+
     def check_older_connections(dbapi_connection, record, proxy) -> None:
         engine = engine_ref()
         since = _dead_found_at.get(engine) if engine is not None else None
-        if since is None or record.starttime >= since or record.info.get("checked_at", 0.0) >= since:
+        if since is None or record.info.get(CHECKED_AT, 0.0) >= since or proxy in _replaced:
             return
         try:
             dbapi_connection.execute("select 1")
             dbapi_connection.rollback()
         except psycopg.Error:
+            # SQLAlchemy replaces it and runs this again on the new connection,
+            # which is let through (at most one replacement per checkout, so a
+            # database still down is the request's 503, not a pool error).
+            _replaced.add(proxy)
             raise sa_exc.DisconnectionError("a pooled connection older than a dead one is dead too") from None
-        record.info["checked_at"] = time.time()
+        record.info[CHECKED_AT] = time.time()
 
     def invalidate_only_the_dead(context) -> None:
         if context.is_disconnect:
             context.invalidate_pool_on_disconnect = False
             found_dead(context.engine)
 
+    event.listen(engine, "connect", stamp_new_connection)
     event.listen(engine, "checkout", check_older_connections)
     event.listen(engine, "handle_error", invalidate_only_the_dead)
