@@ -274,9 +274,13 @@ class Turns:
         pending = self.begin(request)
         if isinstance(pending, Replay):
             return pending.response
+        return self.answer(pending, self.ask)
+
+    def answer(self, pending: PendingTurn, ask) -> dict:
+        """`ask(pending)` then `finish`, every failure going through `_released_on_failure`:
+        the one sequence both deliveries run, differing only in how they ask."""
         with self._released_on_failure(pending):
-            reply = self.ask(pending)
-            return self.finish(pending, reply)
+            return self.finish(pending, ask(pending))
 
     def stream(self, pending: PendingTurn) -> TurnStream:
         """A streaming turn: `ask` in the assistant's streaming form and `finish`, run
@@ -513,9 +517,7 @@ class TurnStream:
     def _produce(self, turns: Turns) -> None:
         emit = self._events.put
         try:
-            with turns._released_on_failure(self.pending):
-                reply = turns.ask_streaming(self.pending, emit)
-                answer = turns.finish(self.pending, reply)
+            answer = turns.answer(self.pending, lambda pending: turns.ask_streaming(pending, emit))
         except ApiError as error:
             emit(Failed(error))
         except Exception:
