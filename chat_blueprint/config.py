@@ -44,6 +44,10 @@ class Settings:
     write_rate_limit: tuple[int, int] | None = (600, 60)  # (writes, period in seconds); None: off
     statement_timeout_s: float = 10.0
     lock_timeout_s: float = 5.0
+    assistant_temperature: float | None = None
+    assistant_max_tokens: int | None = None
+    assistant_user_key: str | None = None  # HMAC key of the `user` field; None: no `user` is sent
+    chat_history_max_chars: int = 48_000
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -111,6 +115,33 @@ def _float(env, name, default):
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def _temperature(env, name):
+    """A sampling temperature, 0 to 2 (the range OpenAI accepts; the others accept it too)."""
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= 2:
+        raise ConfigError(f"{name} must be a number between 0 and 2, got {raw!r}")
+    return value
+
+
+def _user_key(env) -> str | None:
+    """The key of the `user` field's keyed hash: ASSISTANT_USER_HASH_KEY, or by
+    default BETTER_AUTH_SECRET (a secret the model server never sees, shared by
+    every instance, so one user's hash is the same everywhere); `off`, or
+    neither set, sends no `user`."""
+    raw = _get(env, "ASSISTANT_USER_HASH_KEY")
+    if raw is not None and raw.lower() == "off":
+        return None
+    if raw is not None and len(raw) < 16:
+        raise ConfigError("ASSISTANT_USER_HASH_KEY must be at least 16 characters (or 'off')")
+    return raw or read_auth_secret(env)
 
 
 def _on_off(env, name, default):
@@ -218,6 +249,10 @@ def load_settings(env=None) -> Settings:
         write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", (600, 60)),
         statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", 10.0),
         lock_timeout_s=_float(env, "DATABASE_LOCK_TIMEOUT_S", 5.0),
+        assistant_temperature=_temperature(env, "ASSISTANT_TEMPERATURE"),
+        assistant_max_tokens=_int(env, "ASSISTANT_MAX_TOKENS", None, maximum=10_000_000),
+        assistant_user_key=_user_key(env),
+        chat_history_max_chars=_int(env, "CHAT_HISTORY_MAX_CHARS", 48_000, maximum=100_000_000),
     )
     if settings.stream_keepalive_s > 15:
         raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")

@@ -45,6 +45,14 @@ LATENCY = Histogram("http_request_duration_seconds", "Time to answer an HTTP req
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 ASSISTANT_LATENCY = Histogram("assistant_duration_seconds", "Time the assistant backend took for one reply",
                               ["backend", "outcome"], buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
+PROMPT_TOKENS = Counter("assistant_prompt_tokens_total", "Prompt tokens the assistant backend reported",
+                        ["backend", "model"])
+COMPLETION_TOKENS = Counter("assistant_completion_tokens_total", "Completion tokens the assistant backend reported",
+                            ["backend", "model"])
+# `model` is what the backend reported, so a misbehaving one could name a new
+# model in every answer; past this many names per process they count as "other".
+MODEL_LABELS_MAX = 32
+_model_labels: set[str] = set()
 POOL_IN_USE = Gauge("db_pool_connections_in_use", "Database connections checked out of the pool",
                     multiprocess_mode="livesum")
 
@@ -101,6 +109,18 @@ def _end_request(exc) -> None:
 
 def observe_assistant(backend: str, outcome: str, seconds: float) -> None:
     ASSISTANT_LATENCY.labels(backend, outcome).observe(seconds)
+
+
+def observe_tokens(backend: str, model: str | None, usage: dict) -> None:
+    """Count a reply's tokens by the model that produced them (cost per model)."""
+    label = model or "unknown"
+    if label not in _model_labels:
+        if len(_model_labels) >= MODEL_LABELS_MAX:
+            label = "other"
+        else:
+            _model_labels.add(label)
+    PROMPT_TOKENS.labels(backend, label).inc(usage["prompt_tokens"])
+    COMPLETION_TOKENS.labels(backend, label).inc(usage["completion_tokens"])
 
 
 def watch_pool(engine) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import json
 import logging
 import queue
 import threading
@@ -46,7 +47,7 @@ from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMess
 from .errors import DATABASE_ERRORS, ApiError, database_failure
 from .history import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
-from .observability import observe_assistant
+from .observability import observe_assistant, observe_tokens
 from .rate_limit import RateLimit
 from .schemas import TITLE_PREVIEW_CHARS
 
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
 KEEPALIVE_S = 15.0
+HISTORY_MAX_CHARS = 48_000
 # Answers stored under a key before replies carried the model's report.
 ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
 
@@ -176,8 +178,8 @@ def storable(reply: Reply) -> Reply:
 class AssistantFailed(ApiError):
     """The assistant let the turn down after its user message was stored (502 or 504)."""
 
-    def __init__(self, status: int, code: str, message: str, pending: PendingTurn):
-        super().__init__(status, code, message, conversation_id=str(pending.conversation_id),
+    def __init__(self, status: int, code: str, message: str, pending: PendingTurn, headers=None):
+        super().__init__(status, code, message, headers, conversation_id=str(pending.conversation_id),
                          user_message_id=pending.user_message_id)
 
 
@@ -234,8 +236,19 @@ class Failed:
     error: ApiError
 
 
-def _window(rows) -> list[HistoryMessage]:
-    return [HistoryMessage(role, content, tool_calls) for role, content, tool_calls in reversed(rows)]
+def _window(rows, max_chars: int) -> list[HistoryMessage]:
+    """The window, oldest first, from its rows newest first (the user message being
+    answered is the first): that message always, whole; then older ones for as long
+    as the window holds at most `max_chars` characters, so it ends at the first one
+    that does not fit. A sum over rows the query returned anyway, no extra query."""
+    window, size = [], 0
+    for role, content, tool_calls in rows:
+        size += len(content) + (len(json.dumps(tool_calls)) if tool_calls else 0)
+        if window and size > max_chars:
+            break
+        window.append(HistoryMessage(role, content, tool_calls))
+    window.reverse()
+    return window
 
 
 class Turns:
@@ -243,11 +256,12 @@ class Turns:
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
                  stale_after_s: float, idempotency_ttl_s: int, rate_limit: RateLimit | None = None,
-                 keepalive_s: float = KEEPALIVE_S):
+                 keepalive_s: float = KEEPALIVE_S, history_max_chars: int = HISTORY_MAX_CHARS):
         self.engine = engine
         self.assistant = assistant
         self.backend = backend
         self.history_limit = history_limit
+        self.history_max_chars = history_max_chars
         self.stale_after_s = stale_after_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.rate_limit = rate_limit
@@ -259,7 +273,7 @@ class Turns:
                    stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S,
                    idempotency_ttl_s=settings.idempotency_ttl_s,
                    rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
-                   keepalive_s=settings.stream_keepalive_s)
+                   keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars)
 
     def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
                 key: str | None = None) -> TurnRequest:
@@ -334,7 +348,7 @@ class Turns:
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
-            history = _window(window.fetchall())
+            history = _window(window.fetchall(), self.history_max_chars)
         conversation_id, user_message_id, turn = row
         return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
                            request.claim and request.claim.key)
@@ -356,7 +370,7 @@ class Turns:
             raise ConversationNotFound()
         connection.commit()
         return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
-                           _window(window.fetchall()), request.claim.key)
+                           _window(window.fetchall(), self.history_max_chars), request.claim.key)
 
     # Step 2
 
@@ -364,18 +378,18 @@ class Turns:
         """The assistant's reply to the window; any failure is an AssistantFailed."""
         started = time.perf_counter()
         try:
-            reply = self.assistant.reply(pending.history, pending.turn)
+            reply = self.assistant.reply(pending.history, pending.turn, user_id=pending.user_id)
         except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
             self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
             raise self.assistant_failed(pending, failure) from None
-        self._observe("ok", started)
+        self._observe("ok", started, reply)
         return reply
 
     def ask_streaming(self, pending: PendingTurn, emit) -> Reply:
         """Like `ask`, calling `emit(Delta(text))` for each piece of text as it comes."""
         started = time.perf_counter()
         try:
-            for item in stream_reply(self.assistant, pending.history, pending.turn):
+            for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
                 if isinstance(item, Reply):
                     reply = item
                     break
@@ -386,11 +400,13 @@ class Turns:
         except Exception as failure:  # noqa: BLE001 - as in `ask`
             self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
             raise self.assistant_failed(pending, failure) from None
-        self._observe("ok", started)
+        self._observe("ok", started, reply)
         return reply
 
-    def _observe(self, outcome: str, started: float) -> None:
+    def _observe(self, outcome: str, started: float, reply: Reply | None = None) -> None:
         observe_assistant(self.backend, outcome, time.perf_counter() - started)
+        if reply is not None and reply.usage is not None:
+            observe_tokens(self.backend, reply.model, reply.usage)
 
     @staticmethod
     def assistant_failed(pending: PendingTurn, failure: Exception) -> AssistantFailed:
@@ -402,7 +418,9 @@ class Turns:
             log.error("assistant raised an unexpected error", exc_info=failure)
             status, code, message = 502, "assistant_failed", "the assistant failed"
         log.warning("chat turn unanswered: %s (%s)", code, type(failure).__name__)
-        return AssistantFailed(status, code, message, pending)
+        retry_after_s = getattr(failure, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+        return AssistantFailed(status, code, message, pending, headers)
 
     # Step 3
 

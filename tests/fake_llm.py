@@ -8,8 +8,9 @@ real HTTP, so gunicorn workers in other processes can use it too.
 Every request is recorded (path, lower-cased headers, parsed JSON body) in
 `.requests`. Answers come from the queue filled by `.script(...)`, one per
 request, then from `.default`. An answer is built with one of the helpers
-below: `text`, `tool_calls`, `echo`, `status`, `malformed`, `slow`, and
-`streamed` for `stream: true` requests (server-sent chunks over time).
+below: `text`, `tool_calls`, `echo`, `status`, `malformed`, `slow`,
+`trickled` (a body sent a few bytes at a time), and `streamed` for
+`stream: true` requests (server-sent chunks over time).
 `.delay` adds a pause before every answer (for benchmarks).
 
     with FakeChatCompletions() as llm:
@@ -50,26 +51,27 @@ class Answer:
     events: list[bytes] | None = None  # a streamed answer: these SSE events, `interval_s` apart
     interval_s: float = 0.0
     cut_after: int | None = None  # drop the connection after this many events (an upstream dying mid-stream)
+    piece_bytes: int | None = None  # send the body this many bytes at a time, `interval_s` apart
 
     def render(self, request: RecordedRequest) -> bytes:
         return self.body(request) if callable(self.body) else self.body
 
 
-def _completion(message: dict, finish_reason: str) -> bytes:
+def _completion(message: dict, finish_reason: str, usage: dict | None = None, model: str = "fake-model") -> bytes:
     payload = {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": 0,
-        "model": "fake-model",
+        "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": usage or {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
     return json.dumps(payload).encode()
 
 
-def text(content: str, finish_reason: str = "stop") -> Answer:
-    """A normal reply carrying `content`."""
-    return Answer(body=_completion({"role": "assistant", "content": content}, finish_reason))
+def text(content: str, finish_reason: str = "stop", *, usage: dict | None = None, model: str = "fake-model") -> Answer:
+    """A normal reply carrying `content` (and `usage`, one token each by default)."""
+    return Answer(body=_completion({"role": "assistant", "content": content}, finish_reason, usage, model))
 
 
 def tool_calls(calls: list[dict], content: str | None = None) -> Answer:
@@ -140,6 +142,13 @@ def status(code: int, message: str = "scripted failure", error_code: str | None 
 def malformed(body: bytes = b'{"choices": [ this is not json') -> Answer:
     """A 200 whose body is not a usable completion."""
     return Answer(body=body)
+
+
+def trickled(answer: Answer, piece_bytes: int, interval_s: float) -> Answer:
+    """`answer`'s headers at once, then its body `piece_bytes` at a time, `interval_s` apart
+    (a server or proxy dribbling a non-streamed answer)."""
+    return Answer(status=answer.status, body=answer.body, headers=answer.headers, piece_bytes=piece_bytes,
+                  interval_s=interval_s)
 
 
 def slow(seconds: float, then: Answer | None = None) -> Answer:
@@ -273,7 +282,14 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                if answer.piece_bytes is None:
+                    self.wfile.write(payload)
+                    return
+                for start in range(0, len(payload), answer.piece_bytes):
+                    if start and fake._closing.wait(answer.interval_s):
+                        break
+                    self.wfile.write(payload[start:start + answer.piece_bytes])
+                    self.wfile.flush()
             except OSError:
                 self.close_connection = True  # the client gave up (a timeout test), nothing to tell
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from support import built_app, connect
 from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
+from support import make_user
 
 API_KEY = "sk-test-key-that-must-never-leak-0123456789"
 SYSTEM_PROMPT = "You help the user manage their todo list."
@@ -21,7 +22,7 @@ def llm():
 def openai_app(app_url, llm):
     with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
                    ASSISTANT_API_KEY=API_KEY, ASSISTANT_TIMEOUT_S="1", ASSISTANT_SYSTEM_PROMPT=SYSTEM_PROMPT,
-                   CHAT_HISTORY_LIMIT=4) as app:
+                   CHAT_HISTORY_LIMIT=4, ASSISTANT_TEMPERATURE="0.3", ASSISTANT_MAX_TOKENS="500") as app:
         yield app
         app.extensions["assistant"].close()
 
@@ -50,10 +51,12 @@ def test_request_carries_system_prompt_window_and_new_message(client, llm, alice
     chat(client, alice, "three", conversation_id)
     request = llm.requests[-1]
     assert request.body["model"] == "test-model"
+    assert (request.body["temperature"], request.body["max_tokens"]) == (0.3, 500)
     assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    # The last CHAT_HISTORY_LIMIT=4 messages begin with "first answer": an assistant message
+    # opening the window is left out, since strict chat templates want a user message first.
     assert request.body["messages"] == [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "assistant", "content": "first answer"},
         {"role": "user", "content": "two"},
         {"role": "assistant", "content": "second answer"},
         {"role": "user", "content": "three"},
@@ -83,6 +86,7 @@ def test_tool_call_reply_without_text_is_stored_and_returned(client, llm, alice,
     (slow(3, then=text("too late")), 504),
     (status(500, "upstream exploded"), 502),
     (status(429, "slow down", error_code="rate_limit_exceeded"), 502),
+    (status(408, "upstream timed out"), 504),
     (malformed(), 502),
 ])
 def test_failures_keep_the_message_once_and_a_retry_completes(client, llm, alice, app_url, failure, expected):
@@ -100,3 +104,90 @@ def test_failures_keep_the_message_once_and_a_retry_completes(client, llm, alice
     rows = stored(app_url, alice.id)
     assert [(role, content) for role, content, _, _ in rows] == [("user", "please answer"), ("assistant", "recovered")]
     assert llm.requests[-1].body["messages"][-1] == {"role": "user", "content": "please answer"}
+
+
+def test_an_upstream_retry_after_is_passed_on(client, llm, alice):
+    llm.script(status(429, "slow down", headers={"Retry-After": "7"}), status(503, headers={"Retry-After": "86400"}))
+    limited = chat(client, alice, "are you there?")
+    unavailable = chat(client, alice, "are you there now?")
+    assert (limited.status_code, limited.headers["Retry-After"]) == (502, "7")
+    assert (unavailable.status_code, unavailable.headers["Retry-After"]) == (502, "60")  # at most a minute
+    assert limited.get_json()["error"]["code"] == "assistant_failed"
+
+
+def test_user_is_a_stable_hash_per_user_never_the_id(client, llm, alice):
+    bob = make_user("bob")
+    llm.script(text("a"), text("b"), text("c"))
+    conversation_id = chat(client, alice, "one").get_json()["conversation_id"]
+    chat(client, alice, "two", conversation_id)
+    chat(client, bob, "one")
+    alice_first, alice_second, bob_first = (request.body["user"] for request in llm.requests)
+    assert alice_first == alice_second != bob_first
+    assert alice.id not in alice_first and bob.id not in bob_first
+
+
+def test_after_a_failed_turn_roles_still_alternate_with_every_user_text(client, llm, alice, app_url):
+    llm.script(text("noted"), status(500), text("both done"))
+    conversation_id = chat(client, alice, "add milk").get_json()["conversation_id"]
+    assert chat(client, alice, "add eggs", conversation_id).status_code == 502
+    assert chat(client, alice, "and bread", conversation_id).status_code == 200
+    assert [row[:2] for row in stored(app_url, alice.id)] == [
+        ("user", "add milk"), ("assistant", "noted"), ("user", "add eggs"), ("user", "and bread"),
+        ("assistant", "both done")]
+    assert llm.requests[-1].body["messages"] == [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "add milk"},
+        {"role": "assistant", "content": "noted"},
+        {"role": "user", "content": "add eggs\n\nand bread"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def long_window_app(app_url, llm):
+    """The default window bounds: 50 messages, 48,000 characters; messages up to 16,000."""
+    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
+                   ASSISTANT_TIMEOUT_S="5") as app:
+        yield app
+        app.extensions["assistant"].close()
+
+
+def test_the_window_stops_at_48000_characters_with_the_new_message_whole(long_window_app, llm, alice):
+    client = long_window_app.test_client()
+    llm.reset()
+    texts = [f"message {n} " + chr(ord("a") + n) * 15_990 for n in range(5)]
+    llm.script(*(text(f"reply {n}") for n in range(5)))
+    conversation_id = None
+    for message in texts:
+        answer = chat(client, alice, message, conversation_id)
+        assert answer.status_code == 200, answer.get_json()
+        conversation_id = answer.get_json()["conversation_id"]
+    sent = llm.requests[-1].body["messages"]
+    # Newest first: message 4, reply 3, message 3, reply 2 fit (32,014 characters);
+    # message 2 would make it 48,014, so the window stops there and opens with message 3.
+    assert sent == [
+        {"role": "user", "content": texts[3]},
+        {"role": "assistant", "content": "reply 3"},
+        {"role": "user", "content": texts[4]},
+    ]
+    assert sum(len(message["content"]) for message in sent) <= 48_000
+
+
+@pytest.fixture(scope="module")
+def tiny_window_app(app_url, llm):
+    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
+                   ASSISTANT_TIMEOUT_S="5", CHAT_HISTORY_MAX_CHARS="100") as app:
+        yield app
+        app.extensions["assistant"].close()
+
+
+def test_a_new_message_longer_than_the_bound_is_sent_whole_and_alone(tiny_window_app, llm, alice):
+    client = tiny_window_app.test_client()
+    llm.reset()
+    llm.script(text("short"), text("long"), text("short again"))
+    conversation_id = chat(client, alice, "hello").get_json()["conversation_id"]
+    long_message = "z" * 500
+    assert chat(client, alice, long_message, conversation_id).status_code == 200
+    assert llm.requests[-1].body["messages"] == [{"role": "user", "content": long_message}]
+    assert chat(client, alice, "ok", conversation_id).status_code == 200
+    # "ok" and "long" fit in 100 characters; the 500-character message does not.
+    assert llm.requests[-1].body["messages"] == [{"role": "user", "content": "ok"}]

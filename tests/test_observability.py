@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+from fake_llm import FakeChatCompletions, streamed, text
 from support import gunicorn, make_user
 
 SECRET_MESSAGE = "my bank password is hunter2-7c1e"
@@ -160,3 +161,31 @@ def test_metrics_name_their_charset_once(server):
     content_type = requests.get(f"{server.url}/metrics", timeout=10).headers["Content-Type"]
     assert content_type.startswith("text/plain;")
     assert content_type.count("charset") == 1, content_type
+
+
+def test_tokens_are_counted_by_model_over_every_worker(app_url):
+    """Prompt and completion tokens, by the model the backend reported, summed over the
+    workers (the cost per model in docs/operations.md is read from these)."""
+    user = make_user()
+    with FakeChatCompletions() as llm, gunicorn(app_url, workers=2, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                                                 ASSISTANT_MODEL="configured-name") as server:
+        llm.script(text("one", usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}),
+                   streamed(["t", "wo"], usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}),
+                   text("three", model="bigger-model",
+                        usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}))
+        before = scrape(server)
+        url = f"{server.url}/api/{user.id}/chat"
+        assert requests.post(url, json={"message": "one"}, headers=user.headers, timeout=30).status_code == 200
+        streamed_turn = requests.post(url, json={"message": "two", "stream": True}, headers=user.headers, timeout=30)
+        assert streamed_turn.status_code == 200 and '"type":"finish"' in streamed_turn.text
+        assert requests.post(url, json={"message": "three"}, headers=user.headers, timeout=30).status_code == 200
+        after = scrape(server)
+
+    def added(name, model):
+        labels = {"backend": "openai", "model": model}
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    assert (added("assistant_prompt_tokens_total", "fake-model"),
+            added("assistant_completion_tokens_total", "fake-model")) == (12, 5)
+    assert (added("assistant_prompt_tokens_total", "bigger-model"),
+            added("assistant_completion_tokens_total", "bigger-model")) == (11, 4)

@@ -5,13 +5,16 @@ directly, and the fake server records exactly what went over the wire.
 """
 from __future__ import annotations
 
+import email.utils
 import logging
 import socket
 import time
 import traceback
 
 import pytest
-from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
+from fake_llm import FakeChatCompletions, malformed, slow, status, streamed, text, tool_calls, trickled
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
 from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
@@ -265,3 +268,159 @@ def test_fake_server_delay_applies_to_every_answer(llm, make_assistant):
     assistant.reply(WINDOW, turn=2)
 
     assert time.monotonic() - started >= 0.2
+
+
+# What a real model server needs (issue 13): error mapping, settings, `user`, windows.
+
+@pytest.mark.parametrize("code", [408, 504])
+def test_an_upstream_timeout_status_is_a_timeout(llm, make_assistant, code):
+    """A gateway whose own upstream timed out answers 408 (or 504): a 504 here, not a 502."""
+    llm.script(status(code))
+
+    with pytest.raises(AssistantTimeout, match=f"HTTP {code}"):
+        make_assistant().reply(WINDOW, turn=2)
+
+
+@pytest.mark.parametrize("code, headers, expected", [
+    (429, {"Retry-After": "7"}, 7),
+    (503, {"Retry-After": "7"}, 7),
+    (429, {"Retry-After": "3600"}, 60),
+    (429, {"Retry-After": "0"}, 0),
+    (429, {"retry-after-ms": "1500", "Retry-After": "9"}, 2),
+    (429, {"Retry-After": "soon"}, None),
+    (429, {}, None),
+    (500, {"Retry-After": "7"}, None),
+], ids=["429", "503", "capped", "zero", "ms-first", "garbage", "none", "not-for-500"])
+def test_retry_after_of_a_429_or_503_is_kept(llm, make_assistant, code, headers, expected):
+    llm.script(status(code, headers=headers))
+
+    with pytest.raises(AssistantError) as failure:
+        make_assistant().reply(WINDOW, turn=2)
+
+    assert not isinstance(failure.value, AssistantTimeout)
+    assert failure.value.retry_after_s == expected
+
+
+def test_retry_after_as_an_http_date(llm, make_assistant):
+    llm.script(status(503, headers={"Retry-After": email.utils.formatdate(time.time() + 20, usegmt=True)}))
+
+    with pytest.raises(AssistantError) as failure:
+        make_assistant().reply(WINDOW, turn=2)
+
+    assert 18 <= failure.value.retry_after_s <= 21
+
+
+def test_a_streamed_call_maps_statuses_the_same_way(llm, make_assistant):
+    llm.script(status(408), status(429, headers={"Retry-After": "7"}))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantTimeout):
+        list(assistant.stream(WINDOW, turn=2))
+    with pytest.raises(AssistantError) as failure:
+        list(assistant.stream(WINDOW, turn=2))
+    assert failure.value.retry_after_s == 7
+
+
+def test_a_trickled_answer_is_cut_off_at_the_timeout(llm, make_assistant):
+    """Each piece arrives well within the per-read timeout, but the whole answer would take
+    3 s: ASSISTANT_TIMEOUT_S bounds the whole answer, so it is a timeout after about 1 s."""
+    llm.script(trickled(text("x" * 300), piece_bytes=10, interval_s=0.08))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="1")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantTimeout):
+        assistant.reply(WINDOW, turn=2)
+
+    assert time.monotonic() - started < 1.6
+
+
+def test_a_trickled_answer_within_the_timeout_is_read_whole(llm, make_assistant):
+    llm.script(trickled(text("y" * 100), piece_bytes=40, interval_s=0.02))
+
+    assert make_assistant().reply(WINDOW, turn=2).text == "y" * 100
+
+
+def test_temperature_and_max_tokens_are_sent_when_set(llm, make_assistant):
+    make_assistant(ASSISTANT_TEMPERATURE="0.2", ASSISTANT_MAX_TOKENS="256").reply(WINDOW, turn=2)
+    llm.script(streamed(["a"]))
+    list(make_assistant(ASSISTANT_TEMPERATURE="0", ASSISTANT_MAX_TOKENS="1").stream(WINDOW, turn=2))
+    make_assistant().reply(WINDOW, turn=2)
+
+    blocking, streaming, plain = (request.body for request in llm.requests)
+    assert (blocking["temperature"], blocking["max_tokens"]) == (0.2, 256)
+    assert (streaming["temperature"], streaming["max_tokens"]) == (0, 1) and streaming["stream"] is True
+    assert "temperature" not in plain and "max_tokens" not in plain
+
+
+USER_KEY = "a-key-of-at-least-sixteen-characters"
+
+
+def test_user_is_a_keyed_hash_stable_per_user(llm, make_assistant):
+    one, other = make_assistant(ASSISTANT_USER_HASH_KEY=USER_KEY), make_assistant(ASSISTANT_USER_HASH_KEY=USER_KEY)
+    one.reply(WINDOW, turn=2, user_id="alice")
+    other.reply(WINDOW, turn=2, user_id="alice")  # another instance, same settings
+    llm.script(streamed(["a"]))
+    list(one.stream(WINDOW, turn=2, user_id="alice"))
+    one.reply(WINDOW, turn=2, user_id="bob")
+    make_assistant(ASSISTANT_USER_HASH_KEY=USER_KEY + "-rotated").reply(WINDOW, turn=2, user_id="alice")
+
+    alice, alice_elsewhere, alice_streamed, bob, alice_other_key = (request.body["user"] for request in llm.requests)
+    assert alice == alice_elsewhere == alice_streamed
+    assert alice != bob and alice != alice_other_key
+    assert "alice" not in alice and len(alice) == 32 and int(alice, 16) >= 0
+
+
+def test_user_key_defaults_to_the_auth_secret_and_can_be_off(llm, make_assistant):
+    make_assistant(BETTER_AUTH_SECRET=USER_KEY).reply(WINDOW, turn=2, user_id="alice")
+    make_assistant(BETTER_AUTH_SECRET=USER_KEY, ASSISTANT_USER_HASH_KEY="off").reply(WINDOW, turn=2, user_id="alice")
+    make_assistant().reply(WINDOW, turn=2, user_id="alice")  # no key at all (a JWKS-only set-up)
+
+    with_secret, off, keyless = (request.body for request in llm.requests)
+    assert len(with_secret["user"]) == 32 and "alice" not in with_secret["user"]
+    assert "user" not in off and "user" not in keyless
+
+
+def test_consecutive_messages_of_one_role_are_merged(llm, make_assistant):
+    """A failed turn leaves two user messages in a row; strict chat templates refuse that."""
+    history = [
+        HistoryMessage("assistant", "a reply whose question is outside the window"),
+        HistoryMessage("user", "buy milk"),
+        HistoryMessage("user", "buy milk, please"),  # the retry after a failed turn
+        HistoryMessage("assistant", "Added milk."),
+        HistoryMessage("assistant", "Anything else?"),
+        HistoryMessage("user", "and eggs"),
+    ]
+
+    make_assistant(ASSISTANT_SYSTEM_PROMPT="You manage a todo list.").reply(history, turn=3)
+
+    assert llm.requests[0].body["messages"] == [
+        {"role": "system", "content": "You manage a todo list."},
+        {"role": "user", "content": "buy milk\n\nbuy milk, please"},
+        {"role": "assistant", "content": "Added milk.\n\nAnything else?"},
+        {"role": "user", "content": "and eggs"},
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.text(min_size=1, max_size=5)), max_size=12),
+       st.text(min_size=1, max_size=5), st.booleans())
+def test_every_window_alternates_and_keeps_every_user_text(window, last, system):
+    """Whatever the stored history: after the system prompt the roles alternate, the first
+    and last are the user's, and every user message's text is there, in order."""
+    assistant = OpenAICompatibleAssistant(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=1,
+                                          system_prompt="sys" if system else None)
+    history = [HistoryMessage(role, content) for role, content in window] + [HistoryMessage("user", last)]
+    try:
+        messages = assistant.messages(history)
+    finally:
+        assistant.close()
+
+    if system:
+        assert messages.pop(0) == {"role": "system", "content": "sys"}
+    roles = [message["role"] for message in messages]
+    assert roles[0] == "user" and roles[-1] == "user"
+    assert all(first != second for first, second in zip(roles, roles[1:]))
+    first_user = next(index for index, (role, _) in enumerate(window + [("user", last)]) if role == "user")
+    sent_user_text = "\n\n".join(message["content"] for message in messages if message["role"] == "user")
+    expected = [content for role, content in (window + [("user", last)])[first_user:] if role == "user"]
+    assert sent_user_text == "\n\n".join(expected)

@@ -111,12 +111,32 @@ def test_mint_token_refuses_a_blank_user():
     ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "lots"}, "CHAT_RATE_LIMIT"),
     ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "0/minute"}, "CHAT_RATE_LIMIT"),
     ({"DATABASE_URL": "postgresql://h/db", "CHAT_RATE_LIMIT": "5/fortnight"}, "CHAT_RATE_LIMIT"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TEMPERATURE": "warm"}, "ASSISTANT_TEMPERATURE"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TEMPERATURE": "2.5"}, "ASSISTANT_TEMPERATURE"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TEMPERATURE": "-0.1"}, "ASSISTANT_TEMPERATURE"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TEMPERATURE": "nan"}, "ASSISTANT_TEMPERATURE"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_MAX_TOKENS": "0"}, "ASSISTANT_MAX_TOKENS"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_MAX_TOKENS": "1.5"}, "ASSISTANT_MAX_TOKENS"),
+    ({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_USER_HASH_KEY": "short"}, "ASSISTANT_USER_HASH_KEY"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_HISTORY_MAX_CHARS": "0"}, "CHAT_HISTORY_MAX_CHARS"),
+    ({"DATABASE_URL": "postgresql://h/db", "CHAT_HISTORY_MAX_CHARS": "lots"}, "CHAT_HISTORY_MAX_CHARS"),
 ])
 def test_bad_settings_name_the_variable(env, variable):
     with pytest.raises(ConfigError) as raised:
         load_settings(env)
     message = str(raised.value)
     assert message.startswith(variable) and "\n" not in message
+
+
+def test_model_settings_are_read_with_their_defaults():
+    defaults = load_settings({"DATABASE_URL": "postgresql://h/db"})
+    assert (defaults.assistant_temperature, defaults.assistant_max_tokens, defaults.chat_history_max_chars) == \
+        (None, None, 48_000)
+    chosen = load_settings({"DATABASE_URL": "postgresql://h/db", "ASSISTANT_TEMPERATURE": "0", "ASSISTANT_MAX_TOKENS":
+                            "1024", "CHAT_HISTORY_MAX_CHARS": "8000", "BETTER_AUTH_SECRET": "s" * 32})
+    assert (chosen.assistant_temperature, chosen.assistant_max_tokens, chosen.chat_history_max_chars) == \
+        (0.0, 1024, 8000)
+    assert chosen.assistant_user_key == "s" * 32  # the `user` hash key defaults to the auth secret
 
 
 def test_serving_needs_a_way_to_verify_tokens():

@@ -3,10 +3,13 @@
 An assistant turns the history window of a conversation (oldest first, the
 new user message last) into a `Reply`, in one of two forms:
 
-- `reply(history, turn)`: the whole reply at once (blocking turns);
-- `stream(history, turn)`: the reply's text in pieces (`str` deltas) as it is
-  produced, then the final `Reply` as the last item (streaming turns). The
-  deltas, concatenated, are the reply's `text`.
+- `reply(history, turn, user_id=...)`: the whole reply at once (blocking turns);
+- `stream(history, turn, user_id=...)`: the reply's text in pieces (`str`
+  deltas) as it is produced, then the final `Reply` as the last item
+  (streaming turns). The deltas, concatenated, are the reply's `text`.
+
+`user_id` is the authenticated user the turn is for; a backend may derive an
+identifier for the model server from it (never send it as it is).
 
 It runs with no database transaction open. Failures are `AssistantError`
 (502) or `AssistantTimeout` (504), raised by either form at any point.
@@ -34,7 +37,14 @@ class Reply:
 
 
 class AssistantError(Exception):
-    """The assistant backend failed or answered something unusable (502)."""
+    """The assistant backend failed or answered something unusable (502).
+
+    `retry_after_s`: when the backend said how long to wait (a 429 or 503 with
+    `Retry-After`), that many seconds, passed on to the client."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AssistantTimeout(AssistantError):
@@ -42,20 +52,22 @@ class AssistantTimeout(AssistantError):
 
 
 class Assistant(Protocol):
-    def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
+    def reply(self, history: Sequence[HistoryMessage], turn: int, *, user_id: str | None = None) -> Reply:
         """Answer the last message of `history`, the `turn`-th user message of its conversation."""
 
-    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+    def stream(self, history: Sequence[HistoryMessage], turn: int, *,
+               user_id: str | None = None) -> Iterator[str | Reply]:
         """The same answer as text deltas while it is produced, then the `Reply`."""
 
 
-def stream_reply(assistant, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+def stream_reply(assistant, history: Sequence[HistoryMessage], turn: int, *,
+                 user_id: str | None = None) -> Iterator[str | Reply]:
     """`assistant.stream(...)`, or for a backend with only `reply`, its whole text as one delta."""
     stream = getattr(assistant, "stream", None)
     if stream is not None:
-        yield from stream(history, turn)
+        yield from stream(history, turn, user_id=user_id)
         return
-    reply = assistant.reply(history, turn)
+    reply = assistant.reply(history, turn, user_id=user_id)
     if reply.text:
         yield reply.text
     yield reply

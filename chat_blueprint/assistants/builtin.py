@@ -16,13 +16,14 @@ WORDS = re.compile(r"\s*\S+|\s+$")
 
 
 class BuiltinAssistant:
-    def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
+    def reply(self, history: Sequence[HistoryMessage], turn: int, *, user_id: str | None = None) -> Reply:
         message = history[-1].content if history else ""
         echoed = message if len(message) <= ECHO_CHARS else message[:ECHO_CHARS] + "..."
         return Reply(text=f"turn {turn}: you said \"{echoed}\" ({len(history)} messages in view)", tool_calls=[],
                      model=MODEL, finish_reason="stop", usage=None)
 
-    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+    def stream(self, history: Sequence[HistoryMessage], turn: int, *,
+               user_id: str | None = None) -> Iterator[str | Reply]:
         """The same reply, word by word (each delta a word with the spaces before it)."""
         reply = self.reply(history, turn)
         yield from WORDS.findall(reply.text)

@@ -11,9 +11,10 @@ must not outlive ASSISTANT_TIMEOUT_S by much. The client therefore makes a
 single attempt (`max_retries=0`): its retries would each get a full timeout
 and it would honour a `Retry-After` of up to minutes. A failed turn is
 retried by the caller instead, with the same `Idempotency-Key`, which is
-safe. The timeout applies to each phase (connect, send, wait for the
-answer); a non-streamed completion arrives in one piece at the end, so the
-wait for the answer is what it bounds in practice.
+safe; a `Retry-After` the server sent with a 429 or 503 is passed on to that
+caller (at most a minute). The client's timeout bounds each wait for bytes;
+both forms also read the body as it arrives and check the whole call's
+deadline at every piece, so a server trickling its answer is cut off too.
 
 The request goes through the client's documented `post()` for custom
 requests rather than `chat.completions.create()`: the latter walks every
@@ -29,12 +30,18 @@ not chained.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
 import re
 import time
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
+from itertools import dropwhile
 from typing import Iterator, Sequence
 
+import httpx2
 import openai
 from openai import Stream
 from openai.types.chat import ChatCompletion
@@ -43,17 +50,36 @@ from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
 
 NO_API_KEY = "unused"
 SAFE_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Statuses that say the model server (or a gateway before it) timed out: a 504 here too.
+TIMEOUT_STATUSES = (408, 504)
+# Statuses whose Retry-After is passed on, and the longest wait passed on.
+RETRY_AFTER_STATUSES = (429, 503)
+RETRY_AFTER_MAX_S = 60
+# A blocking answer larger than this is refused rather than held in memory.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+# Joins consecutive messages of one role into one (see `messages`).
+MERGED_SEPARATOR = "\n\n"
+USER_HASH_CONTEXT = b"assistant-user:"
 
 
 class OpenAICompatibleAssistant:
     """Sends the system prompt and the history window; maps the reply or the failure."""
 
     def __init__(self, *, base_url: str, model: str, timeout_s: float,
-                 api_key: str | None = None, system_prompt: str | None = None):
+                 api_key: str | None = None, system_prompt: str | None = None,
+                 temperature: float | None = None, max_tokens: int | None = None,
+                 user_key: str | None = None):
         self.model = model
         self.system_prompt = system_prompt
         self.timeout_s = timeout_s
         self._api_key = api_key
+        self._user_key = user_key.encode() if user_key else None
+        # What every request carries besides the messages.
+        self._options = {"model": model}
+        if temperature is not None:
+            self._options["temperature"] = temperature
+        if max_tokens is not None:
+            self._options["max_tokens"] = max_tokens
         # Local servers need no key, but the client insists on one; a placeholder
         # also keeps it from reading OPENAI_API_KEY behind the operator's back.
         self._client = openai.OpenAI(
@@ -71,19 +97,35 @@ class OpenAICompatibleAssistant:
             timeout_s=settings.assistant_timeout_s,
             api_key=settings.assistant_api_key,
             system_prompt=settings.assistant_system_prompt,
+            temperature=settings.assistant_temperature,
+            max_tokens=settings.assistant_max_tokens,
+            user_key=settings.assistant_user_key,
         )
 
-    def reply(self, history: Sequence[HistoryMessage], turn: int) -> Reply:
-        """One Chat Completions call for the window; `turn` is not needed by the model."""
+    def reply(self, history: Sequence[HistoryMessage], turn: int, *, user_id: str | None = None) -> Reply:
+        """One Chat Completions call for the window; `turn` is not needed by the model.
+
+        The body is read in the pieces it arrives in, the deadline checked at
+        each, then parsed as plain JSON (no typed model: cheaper, and the
+        shape is checked by `reply_from` anyway).
+        """
+        deadline = time.monotonic() + self.timeout_s
         with self._mapped_errors():
-            completion = self._client.post(
-                "/chat/completions",
-                cast_to=ChatCompletion,
-                body={"model": self.model, "messages": self.messages(history)},
-            )
+            pieces = self._client.post("/chat/completions", cast_to=ChatCompletion,
+                                       body=self.request_body(history, user_id), stream=True, stream_cls=_BodyPieces)
+            with pieces:
+                body, size = [], 0
+                for piece in pieces:
+                    _check(deadline)
+                    size += len(piece)
+                    if size > MAX_BODY_BYTES:
+                        raise AssistantError("the assistant backend's answer is too large")
+                    body.append(piece)
+            completion = json.loads(b"".join(body))
         return reply_from(completion)
 
-    def stream(self, history: Sequence[HistoryMessage], turn: int) -> Iterator[str | Reply]:
+    def stream(self, history: Sequence[HistoryMessage], turn: int, *,
+               user_id: str | None = None) -> Iterator[str | Reply]:
         """The same call with `stream: true`: each content delta as it arrives, then the Reply.
 
         Tool calls arrive as fragments keyed by their index (the id and name
@@ -94,23 +136,32 @@ class OpenAICompatibleAssistant:
         """
         deadline = time.monotonic() + self.timeout_s
         assembled = _StreamedReply()
+        body = {**self.request_body(history, user_id), "stream": True, "stream_options": {"include_usage": True}}
         with self._mapped_errors():
-            chunks = self._client.post(
-                "/chat/completions",
-                cast_to=ChatCompletion,
-                body={"model": self.model, "messages": self.messages(history), "stream": True,
-                      "stream_options": {"include_usage": True}},
-                stream=True,
-                stream_cls=_ChunkDicts,
-            )
+            chunks = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
+                                       stream_cls=_ChunkDicts)
             with chunks:
                 for chunk in chunks:
-                    if time.monotonic() > deadline:
-                        raise AssistantTimeout("the assistant backend did not finish in time")
+                    _check(deadline)
                     delta = assembled.add(chunk)
                     if delta:
                         yield delta
         yield assembled.reply()
+
+    def request_body(self, history: Sequence[HistoryMessage], user_id: str | None) -> dict:
+        """`model`, the optional `temperature` and `max_tokens`, `messages`, and `user`
+        when a key for it is configured."""
+        body = {**self._options, "messages": self.messages(history)}
+        if user_id is not None and self._user_key is not None:
+            body["user"] = self.user_hash(user_id)
+        return body
+
+    def user_hash(self, user_id: str) -> str:
+        """A stable identifier of the user for the model server's abuse tracing: a keyed
+        hash (HMAC-SHA256, 128 bits as hex), so the server cannot recover the user id or
+        test a guess of it without the key."""
+        digest = hmac.new(self._user_key, USER_HASH_CONTEXT + user_id.encode(), hashlib.sha256)
+        return digest.hexdigest()[:32]
 
     @contextmanager
     def _mapped_errors(self):
@@ -122,7 +173,10 @@ class OpenAICompatibleAssistant:
         except openai.APITimeoutError:
             raise AssistantTimeout("the assistant backend did not answer in time") from None
         except openai.APIStatusError as exc:
-            raise AssistantError(self._redact(_status_message(exc))) from None
+            message = self._redact(_status_message(exc))
+            if exc.status_code in TIMEOUT_STATUSES:
+                raise AssistantTimeout(message) from None
+            raise AssistantError(message, retry_after_s=_retry_after(exc)) from None
         except openai.APIConnectionError:
             raise AssistantError("the assistant backend could not be reached") from None
         except openai.APIError:
@@ -131,7 +185,18 @@ class OpenAICompatibleAssistant:
             raise AssistantError("the assistant backend answered with a malformed body") from None
 
     def messages(self, history: Sequence[HistoryMessage]) -> list[dict]:
-        """The request's messages: the system prompt if set, then the window oldest first.
+        """The request's messages: the system prompt if set, then the window oldest first,
+        in a form every chat template accepts: user and assistant strictly alternating,
+        starting and ending with a user message.
+
+        Strict templates (several open models' in vLLM and llama.cpp) raise on
+        two messages of one role in a row, which the stored history holds after
+        a turn whose answer failed (the unanswered user message stays), and on
+        a conversation that opens with the assistant, which a window cut at
+        CHAT_HISTORY_LIMIT does. So messages of one role in a row are merged
+        into one (their texts joined by a blank line, none lost), and an
+        assistant message that opens the window is left out (the question it
+        answered is outside the window already).
 
         Past tool calls are described in the assistant's text rather than sent
         as `tool_calls`: the protocol requires a `tool` result message after
@@ -139,11 +204,15 @@ class OpenAICompatibleAssistant:
         without them.
         """
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        for message in history:
+        opened = len(messages)
+        for message in dropwhile(lambda message: message.role != "user", history):
             content = message.content
             if message.tool_calls:
                 content = "\n".join(filter(None, [content, *map(_describe_tool_call, message.tool_calls)]))
-            messages.append({"role": message.role, "content": content})
+            if len(messages) > opened and messages[-1]["role"] == message.role:
+                messages[-1]["content"] += MERGED_SEPARATOR + content
+            else:
+                messages.append({"role": message.role, "content": content})
         return messages
 
     def close(self) -> None:
@@ -155,27 +224,52 @@ class OpenAICompatibleAssistant:
 
 
 def reply_from(completion) -> Reply:
-    """The first choice as a `Reply`; anything unusable is an `AssistantError`.
+    """The first choice of a completion (parsed JSON) as a `Reply`; anything unusable
+    is an `AssistantError`.
 
-    The client does not validate the body, so its shape is checked here. A
+    Nothing validates the body before this, so its shape is checked here. A
     reply with tool calls and no text is valid; one with neither is not,
     since there is nothing to show or store (and a retry may do better).
     """
-    choices = getattr(completion, "choices", None)
+    choices = _field(completion, "choices")
     if not isinstance(choices, list) or not choices:
         raise AssistantError("the assistant backend answered without a choice")
-    message = getattr(choices[0], "message", None)
-    content = getattr(message, "content", None)
+    message = _field(choices[0], "message")
+    content = _field(message, "content")
     if content is None:
-        content = getattr(message, "refusal", None)
-    if message is None or not isinstance(content, (str, type(None))):
+        content = _field(message, "refusal")
+    if not isinstance(message, dict) or not isinstance(content, (str, type(None))):
         raise AssistantError("the assistant backend answered with a malformed message")
-    calls = [_tool_call(call) for call in getattr(message, "tool_calls", None) or []]
+    calls = _field(message, "tool_calls") or []
+    if not isinstance(calls, list):
+        raise AssistantError("the assistant backend answered with a malformed tool call")
+    calls = [_tool_call(call) for call in calls]
     if not content and not calls:
         raise AssistantError("the assistant backend answered with an empty reply")
     return Reply(text=content or "", tool_calls=calls, model=_model(completion),
-                 finish_reason=_finish_reason(getattr(choices[0], "finish_reason", None)),
-                 usage=_usage(getattr(completion, "usage", None)))
+                 finish_reason=_finish_reason(_field(choices[0], "finish_reason")),
+                 usage=_usage(_field(completion, "usage")))
+
+
+def _check(deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise AssistantTimeout("the assistant backend did not finish in time")
+
+
+class _BodyPieces(Stream[bytes]):
+    """The client's response (its status and error handling done) with the body left
+    unread: its bytes in the pieces they arrive in, a timeout or a broken connection
+    raised as the client's own errors."""
+
+    def __stream__(self):
+        try:
+            yield from self.response.iter_bytes()
+        except httpx2.TimeoutException:
+            raise openai.APITimeoutError(request=self.response.request) from None
+        except httpx2.TransportError:
+            raise openai.APIConnectionError(request=self.response.request) from None
+        finally:
+            self.response.close()
 
 
 class _ChunkDicts(Stream[dict]):
@@ -197,10 +291,8 @@ class _ChunkDicts(Stream[dict]):
 
 
 def _field(value, name):
-    """`value[name]` of a parsed JSON object or `value.name` of a model; None when absent."""
-    if isinstance(value, dict):
-        return value.get(name)
-    return getattr(value, name, None)
+    """`value[name]` of a parsed JSON object; None when absent or not an object."""
+    return value.get(name) if isinstance(value, dict) else None
 
 
 class _StreamedReply:
@@ -280,9 +372,8 @@ def _usage(usage) -> dict | None:
 
 def _tool_call(call) -> dict:
     """`{"id", "name", "arguments"}` with the arguments parsed from their JSON text."""
-    function = getattr(call, "function", None)
-    return _parsed_tool_call(getattr(call, "id", None), getattr(function, "name", None),
-                             getattr(function, "arguments", None))
+    function = _field(call, "function")
+    return _parsed_tool_call(_field(call, "id"), _field(function, "name"), _field(function, "arguments"))
 
 
 def _parsed_tool_call(call_id, name, arguments) -> dict:
@@ -298,6 +389,27 @@ def _parsed_tool_call(call_id, name, arguments) -> dict:
 def _describe_tool_call(call: dict) -> str:
     arguments = json.dumps(call.get("arguments"), ensure_ascii=False)
     return f"[called tool {call.get('name')} with {arguments}]"
+
+
+def _retry_after(exc: openai.APIStatusError) -> int | None:
+    """The wait a 429 or 503 asked for, in whole seconds (at most RETRY_AFTER_MAX_S): from
+    `retry-after-ms` (OpenAI's) or `Retry-After` (seconds or an HTTP date); None without one."""
+    if exc.status_code not in RETRY_AFTER_STATUSES:
+        return None
+    headers = exc.response.headers
+    seconds = None
+    try:
+        if headers.get("retry-after-ms"):
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif headers.get("retry-after", "").strip().isdigit():
+            seconds = int(headers["retry-after"])
+        elif headers.get("retry-after"):
+            seconds = parsedate_to_datetime(headers["retry-after"]).timestamp() - time.time()
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(max(math.ceil(seconds), 0), RETRY_AFTER_MAX_S)
 
 
 def _status_message(exc: openai.APIStatusError) -> str:
