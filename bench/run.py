@@ -14,6 +14,7 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   history      turn latency in conversations of 10 and of 10,000 messages
   rls          pgbench, then the app at a given concurrency, against a copy whose policies admit every row
   baseline     with BENCH_BASELINE=<git revision>: the app at that revision against the working tree
+               (builtin assistant; BENCH_BASELINE_ASSISTANT=openai: against a local server answering at once)
   slow *       ASSISTANT=openai against a local server answering after 1.0 s, 200 clients (wrk)
   inflight *   1,000 blocking turns in flight against a server answering after 5 s
   stream *     1,000 streaming turns in flight against a server streaming 20 chunks 0.25 s apart
@@ -48,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +81,7 @@ HEALTHZ_PROBES = 20
 RLS_ROUNDS = 3
 RLS_CONCURRENCY = 64  # when the app phase did not run to find the best
 BASELINE = os.environ.get("BENCH_BASELINE")
+BASELINE_ASSISTANT = os.environ.get("BENCH_BASELINE_ASSISTANT", "builtin")
 RUNTIMES = {
     "conf": {},  # gunicorn.conf.py as it is
     "gevent": {"GUNICORN_WORKER_CLASS": "gevent"},
@@ -606,15 +608,20 @@ def baseline(bench: Bench, revision: str) -> dict:
     """The app at `revision` (a git worktree) against the app as it is, on the
     same database and runtime, measured in turns (A B A B A B) at 16 clients;
     with each server's CPU per turn over its own runs."""
-    log(f"baseline: {revision} against the working tree")
+    log(f"baseline: {revision} against the working tree, {BASELINE_ASSISTANT} assistant")
     tree = bench.work / "baseline"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
                    capture_output=True)
     cpu = {"before": Cpu(bench.cluster), "after": Cpu(bench.cluster)}
     try:
-        with gunicorn(bench.app_url, bench.work, "baseline", root=tree, PYTHONPATH=str(tree),
-                      **SAME_RUNTIME) as before, \
-                gunicorn(bench.app_url, bench.work, "current", **SAME_RUNTIME) as after:
+        with ExitStack() as stack:
+            env = dict(SAME_RUNTIME)
+            if BASELINE_ASSISTANT == "openai":
+                _, base_url = stack.enter_context(slow_upstream(0.0))
+                env.update(openai_env(base_url))
+            before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", root=tree,
+                                                  PYTHONPATH=str(tree), **env))
+            after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
             servers = {"before": before, "after": after}
             runs = {"before": [], "after": []}
             for name, server in servers.items():

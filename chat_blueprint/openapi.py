@@ -37,12 +37,14 @@ ERRORS = {
             "counts the rest)", {}),
     "429": ("over a per-user rate limit: WRITE_RATE_LIMIT (600/minute by default) on every write, and on chat "
             "turns CHAT_RATE_LIMIT too (off unless set)", RETRY_AFTER),
-    "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation", {}),
+    "502": ("the assistant failed; the user message is stored, error.conversation_id names its conversation. When "
+            "the model server answered 429 or 503 with a Retry-After, it is passed on (at most 60 s)",
+            {"Retry-After": {**_header("seconds the model server asked to wait"), "required": False}}),
     "503": ("the database is unavailable, or the token names a signing key while the JWKS cannot be fetched",
             RETRY_AFTER),
-    "504": ("the assistant timed out; the user message is stored, error.conversation_id names its conversation", {}),
+    "504": ("the assistant timed out (or the model server answered 408 or 504); the user message is stored, "
+            "error.conversation_id names its conversation", {}),
 }
-_HTML = {"text/html": {"schema": {"type": "string"}}}
 # Answered by the HTTP server (gunicorn, see gunicorn.conf.py) before the app
 # sees the request, to any route, in the same JSON error shape.
 _HTML = {"text/html": {"schema": {"type": "string"}}}
