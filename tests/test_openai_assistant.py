@@ -401,19 +401,25 @@ def test_consecutive_messages_of_one_role_are_merged(llm, make_assistant):
     ]
 
 
+@pytest.fixture(scope="module")
+def prompted():
+    """Backends with and without a system prompt (building one per example would cost most of the test)."""
+    built = {system: OpenAICompatibleAssistant(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=1,
+                                               system_prompt="sys" if system else None) for system in (True, False)}
+    yield built
+    for assistant in built.values():
+        assistant.close()
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.text(min_size=1, max_size=5)), max_size=12),
-       st.text(min_size=1, max_size=5), st.booleans())
-def test_every_window_alternates_and_keeps_every_user_text(window, last, system):
+@given(window=st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.text(min_size=1, max_size=5)),
+                       max_size=12),
+       last=st.text(min_size=1, max_size=5), system=st.booleans())
+def test_every_window_alternates_and_keeps_every_user_text(prompted, window, last, system):
     """Whatever the stored history: after the system prompt the roles alternate, the first
     and last are the user's, and every user message's text is there, in order."""
-    assistant = OpenAICompatibleAssistant(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=1,
-                                          system_prompt="sys" if system else None)
     history = [HistoryMessage(role, content) for role, content in window] + [HistoryMessage("user", last)]
-    try:
-        messages = assistant.messages(history)
-    finally:
-        assistant.close()
+    messages = prompted[system].messages(history)
 
     if system:
         assert messages.pop(0) == {"role": "system", "content": "sys"}
