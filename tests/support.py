@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2.sandbox
 import psycopg
 from chat_blueprint import create_app
 from chat_blueprint.auth import mint_token
@@ -194,3 +195,41 @@ def raw_exchange(url: str, parts, timeout_s: float = 30.0) -> RawResponse:
     finally:
         sock.close()
         sender.join(timeout_s)
+
+
+# The rule strict chat templates enforce (the templates of several open models, as
+# vLLM and llama.cpp's server render them with Jinja): an optional system message
+# first, then user and assistant strictly alternating, starting with the user.
+# Written here in the same Jinja those servers run, so a window that passes is one
+# they render; the servers answer 400 (vLLM) or 500 (llama.cpp) where it raises.
+STRICT_CHAT_TEMPLATE = """
+{%- if messages[0]['role'] == 'system' -%}
+  {%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set system = none -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- for message in turns -%}
+  {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+  {%- endif -%}
+  {%- if message['role'] == 'user' -%}
+    {{- '[INST] ' + (system + '\\n\\n' if system and loop.first else '') + message['content'] + ' [/INST]' -}}
+  {%- else -%}
+    {{- ' ' + message['content'] + '</s>' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+
+class ChatTemplateError(Exception):
+    pass
+
+
+def render_strict_chat_template(messages: list[dict]) -> str:
+    """`messages` rendered by STRICT_CHAT_TEMPLATE; ChatTemplateError where it refuses them."""
+    def raise_exception(message):
+        raise ChatTemplateError(message)
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(STRICT_CHAT_TEMPLATE).render(messages=messages)

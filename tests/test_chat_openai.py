@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from support import built_app, connect
 from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
-from support import make_user
+from support import make_user, render_strict_chat_template
 
 API_KEY = "sk-test-key-that-must-never-leak-0123456789"
 SYSTEM_PROMPT = "You help the user manage their todo list."
@@ -140,6 +140,7 @@ def test_after_a_failed_turn_roles_still_alternate_with_every_user_text(client, 
         {"role": "assistant", "content": "noted"},
         {"role": "user", "content": "add eggs\n\nand bread"},
     ]
+    render_strict_chat_template(llm.requests[-1].body["messages"])  # what vLLM and llama.cpp would render
 
 
 @pytest.fixture(scope="module")

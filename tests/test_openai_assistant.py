@@ -15,6 +15,7 @@ import pytest
 from fake_llm import FakeChatCompletions, malformed, slow, status, streamed, text, tool_calls, trickled
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import ChatTemplateError, render_strict_chat_template
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
 from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
@@ -380,6 +381,18 @@ def test_user_key_defaults_to_the_auth_secret_and_can_be_off(llm, make_assistant
     assert "user" not in off and "user" not in keyless
 
 
+def test_the_strict_template_refuses_what_the_stored_history_can_hold():
+    """The template the tests hold windows to does refuse both shapes a raw window can take."""
+    with pytest.raises(ChatTemplateError):
+        render_strict_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ChatTemplateError):
+        render_strict_chat_template([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"},
+                                     {"role": "user", "content": "b"}])
+    assert render_strict_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                                        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]) \
+        == "[INST] s\n\na [/INST] b</s>[INST] c [/INST]"
+
+
 def test_consecutive_messages_of_one_role_are_merged(llm, make_assistant):
     """A failed turn leaves two user messages in a row; strict chat templates refuse that."""
     history = [
@@ -421,6 +434,7 @@ def test_every_window_alternates_and_keeps_every_user_text(prompted, window, las
     history = [HistoryMessage(role, content) for role, content in window] + [HistoryMessage("user", last)]
     messages = prompted[system].messages(history)
 
+    render_strict_chat_template(messages)  # raises where a strict template would
     if system:
         assert messages.pop(0) == {"role": "system", "content": "sys"}
     roles = [message["role"] for message in messages]
