@@ -19,7 +19,7 @@ class RecordingAssistant(BuiltinAssistant):
     def __init__(self):
         self.calls = []
 
-    def reply(self, history, turn):
+    def reply(self, history, turn, *, user_id=None):
         self.calls.append((list(history), turn))
         return super().reply(history, turn)
 
@@ -32,7 +32,7 @@ class ScriptedAssistant:
         self.action = action
         self.calls = 0
 
-    def reply(self, history, turn):
+    def reply(self, history, turn, *, user_id=None):
         self.calls += 1
         if self.action is not None:
             self.action()
@@ -288,7 +288,7 @@ class BlockingAssistant(BuiltinAssistant):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def reply(self, history, turn):
+    def reply(self, history, turn, *, user_id=None):
         self.entered.set()
         assert self.release.wait(20)
         return super().reply(history, turn)
