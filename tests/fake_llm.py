@@ -52,6 +52,7 @@ class Answer:
     interval_s: float = 0.0
     cut_after: int | None = None  # drop the connection after this many events (an upstream dying mid-stream)
     piece_bytes: int | None = None  # send the body this many bytes at a time, `interval_s` apart
+    stall_after: int | None = None  # after this many pieces or events, send nothing more (the connection stays open)
 
     def render(self, request: RecordedRequest) -> bytes:
         return self.body(request) if callable(self.body) else self.body
@@ -144,11 +145,16 @@ def malformed(body: bytes = b'{"choices": [ this is not json') -> Answer:
     return Answer(body=body)
 
 
-def trickled(answer: Answer, piece_bytes: int, interval_s: float) -> Answer:
+def trickled(answer: Answer, piece_bytes: int, interval_s: float, stall_after: int | None = None) -> Answer:
     """`answer`'s headers at once, then its body `piece_bytes` at a time, `interval_s` apart
-    (a server or proxy dribbling a non-streamed answer)."""
+    (a server or proxy dribbling a non-streamed answer); `stall_after=N`: N pieces, then silence."""
     return Answer(status=answer.status, body=answer.body, headers=answer.headers, piece_bytes=piece_bytes,
-                  interval_s=interval_s)
+                  interval_s=interval_s, stall_after=stall_after)
+
+
+def stalled(answer: Answer, after: int) -> Answer:
+    """A streamed `answer` that sends its first `after` events, then nothing, keeping the connection open."""
+    return Answer(events=answer.events, interval_s=answer.interval_s, stall_after=after)
 
 
 def slow(seconds: float, then: Answer | None = None) -> Answer:
@@ -285,8 +291,11 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 if answer.piece_bytes is None:
                     self.wfile.write(payload)
                     return
-                for start in range(0, len(payload), answer.piece_bytes):
+                for number, start in enumerate(range(0, len(payload), answer.piece_bytes)):
                     if start and fake._closing.wait(answer.interval_s):
+                        break
+                    if answer.stall_after is not None and number >= answer.stall_after:
+                        fake._closing.wait()
                         break
                     self.wfile.write(payload[start:start + answer.piece_bytes])
                     self.wfile.flush()
@@ -305,6 +314,9 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                         break
                     if answer.cut_after is not None and number >= answer.cut_after:
                         self.connection.shutdown(socket.SHUT_RDWR)
+                        break
+                    if answer.stall_after is not None and number >= answer.stall_after:
+                        fake._closing.wait()
                         break
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()

@@ -12,12 +12,13 @@ import time
 import traceback
 
 import pytest
-from fake_llm import FakeChatCompletions, malformed, slow, status, streamed, text, tool_calls, trickled
+from fake_llm import FakeChatCompletions, malformed, slow, stalled, status, streamed, text, tool_calls, trickled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ChatTemplateError, render_strict_chat_template
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
+from chat_blueprint.assistants.deadlines import Watchdog
 from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
 from chat_blueprint.config import load_settings
 
@@ -335,6 +336,35 @@ def test_a_trickled_answer_is_cut_off_at_the_timeout(llm, make_assistant):
     assert time.monotonic() - started < 1.6
 
 
+def test_an_answer_that_stalls_is_cut_off_at_the_timeout_not_a_read_timeout_later(llm, make_assistant):
+    """The body starts at once, a piece comes at 0.6 s, then nothing: each wait for bytes is
+    within the client's timeout of 1 s, but the whole answer is due at 1 s, not at 1.6 s."""
+    llm.script(trickled(text("x" * 300), piece_bytes=10, interval_s=0.6, stall_after=2))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="1")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantTimeout):
+        assistant.reply(WINDOW, turn=2)
+    elapsed = time.monotonic() - started
+
+    assert 0.95 <= elapsed < 1.4, elapsed
+    llm.script(text("next"))
+    assert assistant.reply(WINDOW, turn=2).text == "next"  # the pool still serves
+
+
+def test_a_stream_that_stalls_is_cut_off_at_the_timeout(llm, make_assistant):
+    llm.script(stalled(streamed(["one", " two", " three"], interval_s=0.3), after=3))  # the role, "one", " two"
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="1")
+
+    started, deltas = time.monotonic(), []
+    with pytest.raises(AssistantTimeout):
+        for item in assistant.stream(WINDOW, turn=2):
+            deltas.append(item)
+    elapsed = time.monotonic() - started
+
+    assert deltas == ["one", " two"] and 0.95 <= elapsed < 1.4, (deltas, elapsed)
+
+
 def test_a_trickled_answer_within_the_timeout_is_read_whole(llm, make_assistant):
     llm.script(trickled(text("y" * 100), piece_bytes=40, interval_s=0.02))
 
@@ -444,3 +474,19 @@ def test_every_window_alternates_and_keeps_every_user_text(prompted, window, las
     sent_user_text = "\n\n".join(message["content"] for message in messages if message["role"] == "user")
     expected = [content for role, content in (window + [("user", last)])[first_user:] if role == "user"]
     assert sent_user_text == "\n\n".join(expected)
+
+
+def test_the_watchdog_shuts_a_guarded_socket_at_its_deadline_and_no_other():
+    watchdog = Watchdog()
+    reading, writing = socket.socketpair()
+    spared, spared_peer = socket.socketpair()
+    with reading, writing, spared, spared_peer:
+        with watchdog.guard(time.monotonic() + 0.1, spared):
+            pass  # left before its deadline: never shut
+        started = time.monotonic()
+        with watchdog.guard(time.monotonic() + 0.3, reading):
+            assert reading.recv(10) == b""  # blocked until the watchdog shut it
+        assert 0.25 <= time.monotonic() - started < 1.0
+        time.sleep(0.1)
+        spared_peer.sendall(b"ok")
+        assert spared.recv(10) == b"ok"

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from support import connect, gunicorn, make_user
-from fake_llm import FakeChatCompletions, status, streamed, text
+from fake_llm import FakeChatCompletions, stalled, status, streamed, text, trickled
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
 EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
@@ -246,6 +246,36 @@ def test_upstream_dying_mid_stream_is_an_error_event_and_a_retry_completes_it(op
     rows = stored(app_url, user.id, conversation_id)
     assert [row[1] for row in rows] == ["user", "assistant"] and rows[1][4] == rows[0][0]
     assert retried.of("start")["messageMetadata"]["user_message_id"] == rows[0][0]
+
+
+@pytest.fixture(scope="module")
+def hasty_server(app_url, llm):
+    """ASSISTANT_TIMEOUT_S=1, on gunicorn.conf.py's runtime (gevent by default)."""
+    with gunicorn(app_url, workers=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                  ASSISTANT_MODEL="fake-model", ASSISTANT_TIMEOUT_S=1) as server:
+        yield server
+
+
+def test_an_upstream_that_stalls_ends_the_stream_at_the_timeout(hasty_server, fresh_llm):
+    """Two deltas, then silence: the error comes at ASSISTANT_TIMEOUT_S from the start, not a
+    whole read timeout after the last byte (which would be about 1.6 s)."""
+    fresh_llm.script(stalled(streamed(["slow ", "start"], interval_s=0.3), after=3))
+    stream = post_stream(hasty_server, make_user(), "and then?").read()
+    assert stream.types == [*EVENT_ORDER_HEAD, "text-delta", "text-delta", "error"], stream.types
+    assert "in time" in stream.of("error")["errorText"] and stream.done
+    assert stream.arrivals[-1] < 1.45, stream.arrivals
+
+
+def test_a_blocking_answer_that_stalls_is_a_504_at_the_timeout(hasty_server, fresh_llm):
+    """A piece at once, one at 0.6 s, then silence: 504 at 1 s (a read timeout would say 1.6 s)."""
+    fresh_llm.script(trickled(text("never finished"), piece_bytes=20, interval_s=0.6, stall_after=2))
+    user = make_user()
+    started = time.monotonic()
+    answer = requests.post(f"{hasty_server.url}/api/{user.id}/chat", json={"message": "and then?"},
+                           headers=user.headers, timeout=30)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "assistant_timeout"
+    assert elapsed < 1.45, elapsed
 
 
 def test_upstream_refusing_is_an_error_event(openai_server, fresh_llm):

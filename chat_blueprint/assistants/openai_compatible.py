@@ -12,9 +12,11 @@ single attempt (`max_retries=0`): its retries would each get a full timeout
 and it would honour a `Retry-After` of up to minutes. A failed turn is
 retried by the caller instead, with the same `Idempotency-Key`, which is
 safe; a `Retry-After` the server sent with a 429 or 503 is passed on to that
-caller (at most a minute). The client's timeout bounds each wait for bytes;
-both forms also read the body as it arrives and check the whole call's
-deadline at every piece, so a server trickling its answer is cut off too.
+caller (at most a minute). The client's timeout bounds the wait for the
+response's headers; after them, both forms read the body as it arrives,
+check the call's deadline at every piece (a server trickling its answer), and
+have the socket shut at the deadline (a server that stalls: see deadlines.py),
+so ASSISTANT_TIMEOUT_S bounds the whole answer, first byte to last.
 
 The request goes through the client's documented `post()` for custom
 requests rather than `chat.completions.create()`: the latter walks every
@@ -47,6 +49,7 @@ from openai import Stream
 from openai.types.chat import ChatCompletion
 
 from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
+from .deadlines import WATCHDOG, network_socket
 
 NO_API_KEY = "unused"
 SAFE_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -110,10 +113,10 @@ class OpenAICompatibleAssistant:
         shape is checked by `reply_from` anyway).
         """
         deadline = time.monotonic() + self.timeout_s
-        with self._mapped_errors():
+        with self._mapped_errors(deadline):
             pieces = self._client.post("/chat/completions", cast_to=ChatCompletion,
                                        body=self.request_body(history, user_id), stream=True, stream_cls=_BodyPieces)
-            with pieces:
+            with pieces, WATCHDOG.guard(deadline, network_socket(pieces.response)):
                 body, size = [], 0
                 for piece in pieces:
                     _check(deadline)
@@ -121,6 +124,7 @@ class OpenAICompatibleAssistant:
                     if size > MAX_BODY_BYTES:
                         raise AssistantError("the assistant backend's answer is too large")
                     body.append(piece)
+            _check(deadline)  # a body that ended because the watchdog shut it is not an answer
             completion = json.loads(b"".join(body))
         return reply_from(completion)
 
@@ -131,21 +135,21 @@ class OpenAICompatibleAssistant:
         Tool calls arrive as fragments keyed by their index (the id and name
         first, the arguments in pieces) and are assembled here; usage comes in
         a last chunk without choices (`stream_options.include_usage`).
-        ASSISTANT_TIMEOUT_S bounds the whole answer: the client's timeout
-        bounds each wait for bytes, and the deadline is checked at every chunk.
+        ASSISTANT_TIMEOUT_S bounds the whole answer, as in `reply`.
         """
         deadline = time.monotonic() + self.timeout_s
         assembled = _StreamedReply()
         body = {**self.request_body(history, user_id), "stream": True, "stream_options": {"include_usage": True}}
-        with self._mapped_errors():
+        with self._mapped_errors(deadline):
             chunks = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
                                        stream_cls=_ChunkDicts)
-            with chunks:
+            with chunks, WATCHDOG.guard(deadline, network_socket(chunks.response)):
                 for chunk in chunks:
                     _check(deadline)
                     delta = assembled.add(chunk)
                     if delta:
                         yield delta
+            _check(deadline)
         yield assembled.reply()
 
     def request_body(self, history: Sequence[HistoryMessage], user_id: str | None) -> dict:
@@ -164,25 +168,29 @@ class OpenAICompatibleAssistant:
         return digest.hexdigest()[:32]
 
     @contextmanager
-    def _mapped_errors(self):
+    def _mapped_errors(self, deadline: float):
         """The client's failures as AssistantError / AssistantTimeout, never chained (they may hold the key)."""
         try:
             yield
         except AssistantError:
             raise
-        except openai.APITimeoutError:
-            raise AssistantTimeout("the assistant backend did not answer in time") from None
-        except openai.APIStatusError as exc:
+        except (openai.OpenAIError, ValueError) as exc:
+            raise self._mapped(exc, deadline) from None
+
+    def _mapped(self, exc: Exception, deadline: float) -> AssistantError:
+        if isinstance(exc, openai.APIStatusError):
             message = self._redact(_status_message(exc))
             if exc.status_code in TIMEOUT_STATUSES:
-                raise AssistantTimeout(message) from None
-            raise AssistantError(message, retry_after_s=_retry_after(exc)) from None
-        except openai.APIConnectionError:
-            raise AssistantError("the assistant backend could not be reached") from None
-        except openai.APIError:
-            raise AssistantError("the assistant backend reported an error while streaming") from None
-        except (openai.OpenAIError, ValueError):
-            raise AssistantError("the assistant backend answered with a malformed body") from None
+                return AssistantTimeout(message)
+            return AssistantError(message, retry_after_s=_retry_after(exc))
+        if isinstance(exc, openai.APITimeoutError) or time.monotonic() >= deadline:
+            # Past the deadline, a broken connection or a cut body is the watchdog's doing.
+            return AssistantTimeout("the assistant backend did not answer in time")
+        if isinstance(exc, openai.APIConnectionError):
+            return AssistantError("the assistant backend could not be reached")
+        if isinstance(exc, openai.APIError):
+            return AssistantError("the assistant backend reported an error while streaming")
+        return AssistantError("the assistant backend answered with a malformed body")
 
     def messages(self, history: Sequence[HistoryMessage]) -> list[dict]:
         """The request's messages: the system prompt if set, then the window oldest first,
