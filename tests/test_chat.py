@@ -167,13 +167,13 @@ def test_a_turn_runs_a_constant_number_of_statements(client, alice, app_url, mon
         counts.append(len(sent))
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "new conversation").status_code == 200
-    # Each count includes the 3 statements of the WRITE_RATE_LIMIT step (bind,
-    # step, its Retry-After), sent in one round trip of their own.
-    assert counts[0] == counts[1] == counts[2] == 3 + 5, counts
-    assert len(sent) == 3 + 4
+    # Each count includes the 4 statements of the WRITE_RATE_LIMIT step (bind,
+    # no flush wait, step, its Retry-After), sent in one round trip of their own.
+    assert counts[0] == counts[1] == counts[2] == 4 + 5, counts
+    assert len(sent) == 4 + 4
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "with a key", short, key="count-key").status_code == 200
-    assert len(sent) == 3 + 6
+    assert len(sent) == 4 + 6
 
 
 @pytest.mark.parametrize("method, suffix, body", [
