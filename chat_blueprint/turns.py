@@ -406,7 +406,8 @@ class Turns:
     def _observe(self, outcome: str, started: float, reply: Reply | None = None) -> None:
         observe_assistant(self.backend, outcome, time.perf_counter() - started)
         if reply is not None and reply.usage is not None:
-            observe_tokens(self.backend, reply.model, reply.usage)
+            # By the model the server reported, else the one asked for (ASSISTANT_MODEL).
+            observe_tokens(self.backend, reply.model or getattr(self.assistant, "model", None), reply.usage)
 
     @staticmethod
     def assistant_failed(pending: PendingTurn, failure: Exception) -> AssistantFailed:

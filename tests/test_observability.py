@@ -172,13 +172,15 @@ def test_tokens_are_counted_by_model_over_every_worker(app_url):
         llm.script(text("one", usage={"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}),
                    streamed(["t", "wo"], usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}),
                    text("three", model="bigger-model",
-                        usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}))
+                        usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}),
+                   text("four", model="", usage={"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}))
         before = scrape(server)
         url = f"{server.url}/api/{user.id}/chat"
         assert requests.post(url, json={"message": "one"}, headers=user.headers, timeout=30).status_code == 200
         streamed_turn = requests.post(url, json={"message": "two", "stream": True}, headers=user.headers, timeout=30)
         assert streamed_turn.status_code == 200 and '"type":"finish"' in streamed_turn.text
         assert requests.post(url, json={"message": "three"}, headers=user.headers, timeout=30).status_code == 200
+        assert requests.post(url, json={"message": "four"}, headers=user.headers, timeout=30).status_code == 200
         after = scrape(server)
 
     def added(name, model):
@@ -189,3 +191,6 @@ def test_tokens_are_counted_by_model_over_every_worker(app_url):
             added("assistant_completion_tokens_total", "fake-model")) == (12, 5)
     assert (added("assistant_prompt_tokens_total", "bigger-model"),
             added("assistant_completion_tokens_total", "bigger-model")) == (11, 4)
+    # A server that names no model: its tokens count under the model asked for.
+    assert (added("assistant_prompt_tokens_total", "configured-name"),
+            added("assistant_completion_tokens_total", "configured-name")) == (2, 1)
