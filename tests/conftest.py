@@ -11,6 +11,7 @@ import time
 
 import pytest
 import requests
+from fake_llm import FakeChatCompletions
 from support import User, built_app, gunicorn, make_user, throwaway_cluster
 
 from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER
@@ -25,6 +26,13 @@ def cluster():
 @pytest.fixture(scope="session")
 def app_url(cluster):
     return cluster.url(APP_ROLE)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The tests' own Chat Completions server on loopback, one per test module."""
+    with FakeChatCompletions() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

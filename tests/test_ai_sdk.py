@@ -8,9 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from support import connect, gunicorn, make_user
-from fake_llm import FakeChatCompletions, streamed
+from fake_llm import streamed
 
 CHECK = Path(__file__).resolve().parent / "ai_sdk"
 
@@ -26,12 +25,6 @@ def run_client(server, user, *texts) -> dict:
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     return json.loads(finished.stdout)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    with FakeChatCompletions() as fake:
-        yield fake
 
 
 def test_use_chat_core_runs_a_conversation(app_url):

@@ -3,28 +3,30 @@ server on loopback (tests/fake_llm.py): what it receives, what is stored,
 and how failures and retries behave."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
-from support import built_app, connect
-from fake_llm import FakeChatCompletions, malformed, slow, status, text, tool_calls
-from support import make_user, render_strict_chat_template
+from fake_llm import malformed, slow, status, text, tool_calls
+from support import built_app, connect, make_user, render_strict_chat_template
 
 API_KEY = "sk-test-key-that-must-never-leak-0123456789"
 SYSTEM_PROMPT = "You help the user manage their todo list."
 
 
-@pytest.fixture(scope="module")
-def llm():
-    with FakeChatCompletions() as server:
-        yield server
+@contextmanager
+def app_on(app_url, llm, **env):
+    """An app with ASSISTANT=openai pointed at `llm` (model test-model), its client closed afterwards."""
+    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
+                   **env) as app:
+        yield app
+        app.extensions["assistant"].close()
 
 
 @pytest.fixture(scope="module")
 def openai_app(app_url, llm):
-    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
-                   ASSISTANT_API_KEY=API_KEY, ASSISTANT_TIMEOUT_S="1", ASSISTANT_SYSTEM_PROMPT=SYSTEM_PROMPT,
-                   CHAT_HISTORY_LIMIT=4, ASSISTANT_TEMPERATURE="0.3", ASSISTANT_MAX_TOKENS="500") as app:
+    with app_on(app_url, llm, ASSISTANT_API_KEY=API_KEY, ASSISTANT_TIMEOUT_S="1", ASSISTANT_SYSTEM_PROMPT=SYSTEM_PROMPT,
+                CHAT_HISTORY_LIMIT=4, ASSISTANT_TEMPERATURE="0.3", ASSISTANT_MAX_TOKENS="500") as app:
         yield app
-        app.extensions["assistant"].close()
 
 
 @pytest.fixture
@@ -146,10 +148,8 @@ def test_after_a_failed_turn_roles_still_alternate_with_every_user_text(client, 
 @pytest.fixture(scope="module")
 def long_window_app(app_url, llm):
     """The default window bounds: 50 messages, 48,000 characters; messages up to 16,000."""
-    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
-                   ASSISTANT_TIMEOUT_S="5") as app:
+    with app_on(app_url, llm, ASSISTANT_TIMEOUT_S="5") as app:
         yield app
-        app.extensions["assistant"].close()
 
 
 def test_the_window_stops_at_48000_characters_with_the_new_message_whole(long_window_app, llm, alice):
@@ -175,10 +175,8 @@ def test_the_window_stops_at_48000_characters_with_the_new_message_whole(long_wi
 
 @pytest.fixture(scope="module")
 def tiny_window_app(app_url, llm):
-    with built_app(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="test-model",
-                   ASSISTANT_TIMEOUT_S="5", CHAT_HISTORY_MAX_CHARS="100") as app:
+    with app_on(app_url, llm, ASSISTANT_TIMEOUT_S="5", CHAT_HISTORY_MAX_CHARS="100") as app:
         yield app
-        app.extensions["assistant"].close()
 
 
 def test_a_new_message_longer_than_the_bound_is_sent_whole_and_alone(tiny_window_app, llm, alice):

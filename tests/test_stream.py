@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from support import connect, gunicorn, make_user
-from fake_llm import FakeChatCompletions, stalled, status, streamed, text, trickled
+from fake_llm import stalled, status, streamed, text, trickled
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
 EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
@@ -23,12 +23,6 @@ EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
 def builtin_server(app_url):
     with gunicorn(app_url, workers=1, CHAT_STREAM_KEEPALIVE_S=1) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def llm():
-    with FakeChatCompletions() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ import time
 import psycopg
 import pytest
 import requests
-from fake_llm import FakeChatCompletions, slow, status, text, tool_calls
+from fake_llm import slow, status, text, tool_calls
 from support import built_app, connect, gunicorn, make_user
 
 from chat_blueprint import tenancy
 from chat_blueprint.extensions import db
-
-
-@pytest.fixture(scope="module")
-def llm():
-    with FakeChatCompletions() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

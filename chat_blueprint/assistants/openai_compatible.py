@@ -114,17 +114,12 @@ class OpenAICompatibleAssistant:
         """
         deadline = time.monotonic() + self.timeout_s
         with self._mapped_errors(deadline):
-            pieces = self._client.post("/chat/completions", cast_to=ChatCompletion,
-                                       body=self.request_body(history, user_id), stream=True, stream_cls=_BodyPieces)
-            with pieces, WATCHDOG.guard(deadline, network_socket(pieces.response)):
-                body, size = [], 0
-                for piece in pieces:
-                    _check(deadline)
-                    size += len(piece)
-                    if size > MAX_BODY_BYTES:
-                        raise AssistantError("the assistant backend's answer is too large")
-                    body.append(piece)
-            _check(deadline)  # a body that ended because the watchdog shut it is not an answer
+            body, size = [], 0
+            for piece in self._within(deadline, self.request_body(history, user_id), _BodyPieces):
+                size += len(piece)
+                if size > MAX_BODY_BYTES:
+                    raise AssistantError("the assistant backend's answer is too large")
+                body.append(piece)
             completion = json.loads(b"".join(body))
         return reply_from(completion)
 
@@ -141,16 +136,23 @@ class OpenAICompatibleAssistant:
         assembled = _StreamedReply()
         body = {**self.request_body(history, user_id), "stream": True, "stream_options": {"include_usage": True}}
         with self._mapped_errors(deadline):
-            chunks = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
-                                       stream_cls=_ChunkDicts)
-            with chunks, WATCHDOG.guard(deadline, network_socket(chunks.response)):
-                for chunk in chunks:
-                    _check(deadline)
-                    delta = assembled.add(chunk)
-                    if delta:
-                        yield delta
-            _check(deadline)
+            for chunk in self._within(deadline, body, _ChunkDicts):
+                delta = assembled.add(chunk)
+                if delta:
+                    yield delta
         yield assembled.reply()
+
+    def _within(self, deadline: float, body: dict, stream_cls) -> Iterator:
+        """POST `body` and yield what `stream_cls` reads of the response as it arrives, all
+        by `deadline`: checked at every item and at the end (an answer the watchdog cut
+        short is not an answer), with the socket shut at the deadline meanwhile."""
+        items = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
+                                  stream_cls=stream_cls)
+        with items, WATCHDOG.guard(deadline, network_socket(items.response)):
+            for item in items:
+                _check(deadline)
+                yield item
+        _check(deadline)
 
     def request_body(self, history: Sequence[HistoryMessage], user_id: str | None) -> dict:
         """`model`, the optional `temperature` and `max_tokens`, `messages`, and `user`
