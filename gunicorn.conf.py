@@ -53,7 +53,7 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "chat_blueprint.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "chat_blueprint.runtime.logs.JsonFormatter"}},
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
     "root": {"handlers": ["stdout"], "level": "WARNING"},
     "loggers": {
@@ -80,7 +80,7 @@ if _own_metrics_dir:
 
 def on_starting(server):
     """Refuse to serve on a bad configuration or a role that bypasses row-level security."""
-    checked = subprocess.run([sys.executable, "-m", "chat_blueprint.startup"], stderr=subprocess.PIPE, text=True)
+    checked = subprocess.run([sys.executable, "-m", "chat_blueprint.runtime.startup"], stderr=subprocess.PIPE, text=True)
     if checked.returncode != 0:
         refusal = checked.stderr.strip() or f"the start-up check failed (exit {checked.returncode})"
         print(refusal, file=sys.stderr, flush=True)

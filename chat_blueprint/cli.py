@@ -1,9 +1,9 @@
-"""Flask CLI commands: `flask --app wsgi mint-token USER_ID [--ttl SECONDS]`
-and `flask --app wsgi prune [--batch-size N]`.
+"""The app's commands: `flask --app wsgi mint-token USER_ID [--ttl SECONDS]`
+and `flask --app wsgi prune [--batch-size N]`, beside Flask-Migrate's `db`.
 
-`mint-token` is a plugin command (the `flask.commands` entry point in
-setup.cfg), so Flask runs it without loading the app: it needs
-`BETTER_AUTH_SECRET` and nothing else, no `DATABASE_URL`.
+Under the `flask` command the app is built even without a DATABASE_URL
+(see `create_app`), so `mint-token` needs `BETTER_AUTH_SECRET` and nothing
+else; the commands that need the database say in one line that it is missing.
 """
 from __future__ import annotations
 
@@ -16,6 +16,21 @@ from sqlalchemy import exc as sa_exc
 
 from .auth import mint_token
 from .config import ConfigError, required_auth_secret
+from .db.extensions import db, migrate
+
+NO_DATABASE = "DATABASE_URL is not set (a postgresql:// URL is required)"
+
+
+def _require_database() -> None:
+    if current_app.config["SETTINGS"].database_url is None:
+        raise click.ClickException(NO_DATABASE)
+
+
+@migrate.configure
+def _migrations_need_a_database(config):
+    """Every `flask db ...` command builds its configuration here first."""
+    _require_database()
+    return config
 
 
 @click.command("mint-token")
@@ -39,7 +54,8 @@ def mint_token_command(user_id: str, ttl: int) -> None:
 
 
 def register_commands(app) -> None:
-    """Commands that need the app (and its settings) go here."""
+    """The app's own commands: they appear under `flask --app wsgi` only."""
+    app.cli.add_command(mint_token_command)
 
     @app.cli.command("prune")
     @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
@@ -50,12 +66,12 @@ def register_commands(app) -> None:
         Run it with the owner's DATABASE_URL (the one `db upgrade` uses), or a
         role the owner granted EXECUTE on the prune functions.
         """
-        from . import data_rights
-        from .extensions import db
+        from .services import retention
 
+        _require_database()
         settings = current_app.config["SETTINGS"]
         try:
-            pruned = data_rights.prune(db.engine, settings.idempotency_ttl_s, batch_size)
+            pruned = retention.prune(db.engine, settings.idempotency_ttl_s, batch_size)
         except sa_exc.DBAPIError as exc:
             raise click.ClickException(_prune_failure(exc.orig)) from None
         finally:

@@ -16,10 +16,26 @@ class ConfigError(Exception):
 
 ASSISTANTS = ("builtin", "openai")
 
+# Every default lives here, once; the rest of the package reads them from Settings.
+DEFAULT_APP_DB_ROLE = "chat_app"
+DEFAULT_ASSISTANT_TIMEOUT_S = 30.0
+DEFAULT_CHAT_HISTORY_LIMIT = 50
+DEFAULT_CHAT_HISTORY_MAX_CHARS = 48_000
+DEFAULT_MESSAGE_MAX_CHARS = 16_000
+DEFAULT_POOL_SIZE = 5
+DEFAULT_POOL_TIMEOUT_S = 10.0
+DEFAULT_IDEMPOTENCY_TTL_S = 86_400
+DEFAULT_STREAM_KEEPALIVE_S = 15.0  # also the most a stream may go without one
+DEFAULT_ISOLATION_CHECK_INTERVAL_S = 60.0
+DEFAULT_WRITE_RATE_LIMIT = (600, 60)
+DEFAULT_STATEMENT_TIMEOUT_S = 10.0
+DEFAULT_LOCK_TIMEOUT_S = 5.0
+MAX_BODY_BYTES = 1024 * 1024  # a request body, chunked or not (413 beyond)
+
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str
+    database_url: str | None  # None only for commands that need no database (mint-token)
     app_db_role: str
     auth_secret: str | None
     jwks_url: str | None
@@ -31,23 +47,23 @@ class Settings:
     assistant_model: str | None
     assistant_timeout_s: float
     assistant_system_prompt: str | None
+    assistant_temperature: float | None
+    assistant_max_tokens: int | None
+    assistant_user_key: str | None  # HMAC key of the `user` field; None: no `user` is sent
     prepared_statements: bool
     chat_history_limit: int
+    chat_history_max_chars: int
     message_max_chars: int
     pool_size: int
     pool_timeout_s: float
     idempotency_ttl_s: int
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
-    stream_keepalive_s: float = 15.0
-    isolation_check_interval_s: float = 60.0
-    cors_origins: tuple[str, ...] | None = None  # ("*",) for every origin
-    write_rate_limit: tuple[int, int] | None = (600, 60)  # (writes, period in seconds); None: off
-    statement_timeout_s: float = 10.0
-    lock_timeout_s: float = 5.0
-    assistant_temperature: float | None = None
-    assistant_max_tokens: int | None = None
-    assistant_user_key: str | None = None  # HMAC key of the `user` field; None: no `user` is sent
-    chat_history_max_chars: int = 48_000
+    write_rate_limit: tuple[int, int] | None  # (writes, period in seconds); None: off
+    stream_keepalive_s: float
+    isolation_check_interval_s: float
+    cors_origins: tuple[str, ...] | None  # ("*",) for every origin
+    statement_timeout_s: float
+    lock_timeout_s: float
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -214,18 +230,22 @@ def _origins(env, name):
     return tuple(dict.fromkeys(origins))
 
 
-def load_settings(env=None) -> Settings:
-    """Read and validate every setting; raise ConfigError on the first problem."""
+def load_settings(env=None, *, require_database: bool = True) -> Settings:
+    """Read and validate every setting; raise ConfigError on the first problem.
+
+    Without `require_database`, a missing DATABASE_URL is allowed (None): the
+    Flask CLI builds the app for `mint-token`, which needs no database, and
+    the commands that do need one say so in one line when they run."""
     env = os.environ if env is None else env
     database_url = _get(env, "DATABASE_URL")
-    if database_url is None:
+    if database_url is None and require_database:
         raise ConfigError("DATABASE_URL is not set (a postgresql:// URL is required)")
     assistant = (_get(env, "ASSISTANT", "builtin")).lower()
     if assistant not in ASSISTANTS:
         raise ConfigError(f"ASSISTANT must be one of {', '.join(ASSISTANTS)}, got {assistant!r}")
     settings = Settings(
-        database_url=normalize_database_url(database_url),
-        app_db_role=_get(env, "APP_DB_ROLE", "chat_app"),
+        database_url=normalize_database_url(database_url) if database_url is not None else None,
+        app_db_role=_get(env, "APP_DB_ROLE", DEFAULT_APP_DB_ROLE),
         auth_secret=read_auth_secret(env),
         jwks_url=_http_url(env, "BETTER_AUTH_JWKS_URL"),
         jwt_issuer=_get(env, "JWT_ISSUER"),
@@ -234,28 +254,30 @@ def load_settings(env=None) -> Settings:
         assistant_base_url=_http_url(env, "ASSISTANT_BASE_URL"),
         assistant_api_key=env.get("ASSISTANT_API_KEY") or None,
         assistant_model=_get(env, "ASSISTANT_MODEL"),
-        assistant_timeout_s=_float(env, "ASSISTANT_TIMEOUT_S", 30.0),
+        assistant_timeout_s=_float(env, "ASSISTANT_TIMEOUT_S", DEFAULT_ASSISTANT_TIMEOUT_S),
         assistant_system_prompt=env.get("ASSISTANT_SYSTEM_PROMPT") or None,
-        prepared_statements=_on_off(env, "DATABASE_PREPARED_STATEMENTS", True),
-        chat_history_limit=_int(env, "CHAT_HISTORY_LIMIT", 50, maximum=10_000),
-        message_max_chars=_int(env, "MESSAGE_MAX_CHARS", 16_000, maximum=1_000_000),
-        pool_size=_int(env, "DATABASE_POOL_SIZE", 5, maximum=1_000),
-        pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", 10.0),
-        idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", 86_400),
-        chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
-        stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", 15.0),
-        isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", 60.0),
-        cors_origins=_origins(env, "CORS_ORIGINS"),
-        write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", (600, 60)),
-        statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", 10.0),
-        lock_timeout_s=_float(env, "DATABASE_LOCK_TIMEOUT_S", 5.0),
         assistant_temperature=_temperature(env, "ASSISTANT_TEMPERATURE"),
         assistant_max_tokens=_int(env, "ASSISTANT_MAX_TOKENS", None, maximum=10_000_000),
         assistant_user_key=_user_key(env),
-        chat_history_max_chars=_int(env, "CHAT_HISTORY_MAX_CHARS", 48_000, maximum=100_000_000),
+        prepared_statements=_on_off(env, "DATABASE_PREPARED_STATEMENTS", True),
+        chat_history_limit=_int(env, "CHAT_HISTORY_LIMIT", DEFAULT_CHAT_HISTORY_LIMIT, maximum=10_000),
+        chat_history_max_chars=_int(env, "CHAT_HISTORY_MAX_CHARS", DEFAULT_CHAT_HISTORY_MAX_CHARS,
+                                    maximum=100_000_000),
+        message_max_chars=_int(env, "MESSAGE_MAX_CHARS", DEFAULT_MESSAGE_MAX_CHARS, maximum=1_000_000),
+        pool_size=_int(env, "DATABASE_POOL_SIZE", DEFAULT_POOL_SIZE, maximum=1_000),
+        pool_timeout_s=_float(env, "DATABASE_POOL_TIMEOUT_S", DEFAULT_POOL_TIMEOUT_S),
+        idempotency_ttl_s=_int(env, "IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S),
+        chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
+        write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", DEFAULT_WRITE_RATE_LIMIT),
+        stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", DEFAULT_STREAM_KEEPALIVE_S),
+        isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", DEFAULT_ISOLATION_CHECK_INTERVAL_S),
+        cors_origins=_origins(env, "CORS_ORIGINS"),
+        statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_STATEMENT_TIMEOUT_S),
+        lock_timeout_s=_float(env, "DATABASE_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S),
     )
-    if settings.stream_keepalive_s > 15:
-        raise ConfigError("CHAT_STREAM_KEEPALIVE_S must be at most 15 (seconds between keep-alives of a stream)")
+    if settings.stream_keepalive_s > DEFAULT_STREAM_KEEPALIVE_S:
+        raise ConfigError(f"CHAT_STREAM_KEEPALIVE_S must be at most {DEFAULT_STREAM_KEEPALIVE_S:g} "
+                          "(seconds between keep-alives of a stream)")
     if settings.assistant == "openai":
         if not settings.assistant_base_url:
             raise ConfigError("ASSISTANT_BASE_URL is not set (required when ASSISTANT=openai)")

@@ -86,6 +86,16 @@ def bounded_fields(fields: dict) -> tuple[dict, int]:
     return shown, len(fields) - len(shown)
 
 
+def invalid_fields(fields: dict) -> ApiError:
+    """The one 422 of the API: each failed field with its messages, bounded
+    by FIELDS_BUDGET_BYTES, and how many were left out if any were."""
+    shown, omitted = bounded_fields(fields)
+    if not omitted:
+        return ApiError(422, "validation_failed", "the request has invalid fields", fields=shown)
+    return ApiError(422, "validation_failed", f"the request has invalid fields; {omitted} more are not listed",
+                    fields=shown, fields_omitted=omitted)
+
+
 def _snake(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
@@ -98,12 +108,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def validation_error(error: ValidationError):
         fields = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-        shown, omitted = bounded_fields(fields)
-        if not omitted:
-            return error_response(422, "validation_failed", "the request has invalid fields", fields=shown)
-        return error_response(422, "validation_failed",
-                              f"the request has invalid fields; {omitted} more are not listed",
-                              fields=shown, fields_omitted=omitted)
+        return api_error(invalid_fields(fields))
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

@@ -8,6 +8,8 @@ from datetime import timezone
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
+from .config import DEFAULT_MESSAGE_MAX_CHARS
+
 TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
 TITLE_PREVIEW_CHARS = 80
@@ -128,7 +130,7 @@ class ChatRequestSchema(StrictSchema):
     stream = StrictBoolean(load_default=False, metadata={
         "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
 
-    def __init__(self, *args, max_chars: int = 16_000, **kwargs):
+    def __init__(self, *args, max_chars: int = DEFAULT_MESSAGE_MAX_CHARS, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["message"].validators = [validate.Length(min=1, max=max_chars)]
 

@@ -14,7 +14,7 @@ import requests
 from fake_llm import FakeChatCompletions
 from support import User, built_app, gunicorn, make_user, throwaway_cluster
 
-from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER
+from devtools.cluster import APP_ROLE, OWNER_ROLE, SUPERUSER
 
 
 @pytest.fixture(scope="session")

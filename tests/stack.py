@@ -30,13 +30,8 @@ from urllib.parse import quote
 import requests
 from support import Server, gunicorn, wait_until_serving
 
-from chat_blueprint.devcluster import (
-    APP_ROLE,
-    DATABASE,
-    Cluster,
-    free_port,
-    server_os_user,
-)
+from devtools.cluster import APP_ROLE, DATABASE, Cluster, server_os_user
+from devtools.ports import free_port
 
 SBIN = ("/usr/sbin", "/sbin")
 

@@ -13,19 +13,13 @@ from pathlib import Path
 
 import jinja2.sandbox
 import psycopg
+
 from chat_blueprint import create_app
 from chat_blueprint.auth import mint_token
-from chat_blueprint.devcluster import (
-    APP_ROLE,
-    OWNER_ROLE,
-    SUPERUSER,
-    Cluster,
-    free_port,
-    migrate,
-)
-from chat_blueprint.devserver import Server, serve
-from chat_blueprint.extensions import db
-
+from chat_blueprint.db.extensions import db
+from devtools.cluster import Cluster, migrate
+from devtools.ports import free_port
+from devtools.server import Server, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-hs256-signing-that-is-long-enough-for-hs512-too-0123456789"

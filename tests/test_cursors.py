@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import make_user
 
-from chat_blueprint import cursors
-from chat_blueprint.models import BIGINT_MAX
+from chat_blueprint.services import pagination as cursors
+from chat_blueprint.db.models import BIGINT_MAX
 
 NOT_OUR_CURSOR = {"cursor": ["Not a cursor returned by this API."]}
 

@@ -33,8 +33,8 @@ from support import User, gunicorn, make_user, throwaway_cluster, wait_until_ser
 from fake_llm import FakeChatCompletions
 from stack import scaled_out
 
-from chat_blueprint.devcluster import APP_ROLE, SUPERUSER, Cluster
-from chat_blueprint.devserver import child_pids
+from devtools.cluster import APP_ROLE, SUPERUSER, Cluster
+from devtools.server import child_pids
 
 CLIENTS = 4
 PAUSE_S = 0.05

@@ -1,5 +1,5 @@
 """A newcomer's first hour, as the README tells it: what `make run` prints (it
-runs `python -m chat_blueprint.devcluster run`), the README's curl session
+runs `python -m devtools run`), the README's curl session
 pasted as it stands, `make token`, a second run or a taken port, and Ctrl-C."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 import requests
 from support import ROOT
 
-from chat_blueprint.devcluster import free_port
+from devtools.ports import free_port
 
 START_TIMEOUT_S = 240
 
@@ -40,12 +40,12 @@ class DevRun:
         return dict(re.findall(r"^  export (API|TOKEN)=(\S+)$", self.output(), re.MULTILINE))
 
 
-def devcluster(*args, root, port, db_port=None, **popen):
+def devtools(*args, root, port, db_port=None, **popen):
     env = {name: value for name, value in os.environ.items()
            if name not in ("BETTER_AUTH_SECRET", "DATABASE_URL", "BETTER_AUTH_JWKS_URL")}
     env.update(DEV_DATA_DIR=str(root), PORT=str(port), DEV_DB_PORT=str(db_port or free_port()), WEB_CONCURRENCY="1",
                GUNICORN_THREADS="8")
-    return [sys.executable, "-m", "chat_blueprint.devcluster", *args], {"cwd": ROOT, "env": env, **popen}
+    return [sys.executable, "-m", "devtools", *args], {"cwd": ROOT, "env": env, **popen}
 
 
 def new_root() -> Path:
@@ -58,7 +58,7 @@ def new_root() -> Path:
 def dev_run():
     root, port, db_port = new_root(), free_port(), free_port()
     log = root.parent / f"{root.name}.log"
-    command, options = devcluster("run", root=root, port=port, db_port=db_port)
+    command, options = devtools("run", root=root, port=port, db_port=db_port)
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, **options)
     run = DevRun(root, port, db_port, process, log)
@@ -131,7 +131,7 @@ def test_the_readme_curl_session_runs_as_pasted(dev_run, shell):
 
 
 def test_make_token_for_another_user(dev_run):
-    command, options = devcluster("token", "alice", root=dev_run.root, port=dev_run.port)
+    command, options = devtools("token", "alice", root=dev_run.root, port=dev_run.port)
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, **options)
     assert result.returncode == 0, result.stderr
     exported = dict(re.findall(r"^export (API|TOKEN)=(\S+)$", result.stdout, re.MULTILINE))
@@ -145,7 +145,7 @@ def test_make_token_for_another_user(dev_run):
 def test_make_token_before_any_make_run_says_so_in_one_line():
     root = new_root()
     try:
-        command, options = devcluster("token", "alice", root=root, port=free_port())
+        command, options = devtools("token", "alice", root=root, port=free_port())
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, **options)
         assert result.returncode == 1
         assert "run make run once" in one_line(result)
@@ -154,7 +154,7 @@ def test_make_token_before_any_make_run_says_so_in_one_line():
 
 
 def test_a_second_run_on_the_same_data_is_refused_in_one_line(dev_run):
-    command, options = devcluster("run", root=dev_run.root, port=free_port())
+    command, options = devtools("run", root=dev_run.root, port=free_port())
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, **options)
     assert result.returncode == 1
     line = one_line(result)
@@ -167,7 +167,7 @@ def test_a_taken_port_is_refused_in_one_line(dev_run, taken):
     root = new_root()
     try:
         ports = {"port": dev_run.port} if taken == "PORT" else {"port": free_port(), "db_port": dev_run.db_port}
-        command, options = devcluster("run", root=root, **ports)
+        command, options = devtools("run", root=root, **ports)
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, **options)
         assert result.returncode == 1
         number = dev_run.port if taken == "PORT" else dev_run.db_port

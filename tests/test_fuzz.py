@@ -30,7 +30,7 @@ from support import gunicorn, make_user
 from hypothesis import strategies as st
 from schemathesis.openapi.checks import RejectedPositiveData
 
-from chat_blueprint.openapi import openapi_document
+from chat_blueprint.api.openapi import openapi_document
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "10"))
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20240607"))

@@ -8,7 +8,7 @@ import time
 import requests
 from support import ROOT, connect, gunicorn, make_user
 
-from chat_blueprint.devcluster import free_port
+from devtools.ports import free_port
 
 
 def test_task_round_trip_over_http(app_url):

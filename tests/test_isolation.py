@@ -14,8 +14,8 @@ from psycopg import sql
 from support import built_app, gunicorn, make_user
 from test_gunicorn import refusal
 
-from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE
-from chat_blueprint.isolation import IsolationNotInForce
+from devtools.cluster import APP_ROLE, OWNER_ROLE
+from chat_blueprint.db.isolation import IsolationNotInForce
 
 
 @contextmanager
@@ -100,7 +100,7 @@ def test_a_role_altered_while_serving_is_refused_within_the_interval(cluster, su
 
 
 def test_the_check_runs_once_per_interval_not_per_request():
-    from chat_blueprint.isolation import IsolationWatch
+    from chat_blueprint.db.isolation import IsolationWatch
 
     checks = []
     watch = IsolationWatch(interval_s=0.5)

@@ -33,7 +33,7 @@ from chat_blueprint.auth import (
     TokenVerifier,
     Unauthorized,
 )
-from chat_blueprint.devcluster import free_port
+from devtools.ports import free_port
 
 
 def new_key(kind: str):

@@ -8,8 +8,8 @@ import sys
 import psycopg
 from support import ROOT, SECRET, throwaway_cluster
 
-from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE
-from chat_blueprint.models import ISOLATED_TABLES
+from devtools.cluster import APP_ROLE, OWNER_ROLE
+from chat_blueprint.db.models import ISOLATED_TABLES
 
 
 def flask_db(cluster, *args) -> None:
@@ -73,7 +73,7 @@ def test_models_and_migrations_agree(owner_url):
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    from chat_blueprint.extensions import db
+    from chat_blueprint.db.extensions import db
 
     engine = create_engine(owner_url.replace("postgresql://", "postgresql+psycopg://", 1))
     try:

@@ -12,7 +12,8 @@ import pytest
 from support import ROOT, built_app, connect, throwaway_cluster
 from psycopg import errors, sql
 
-from chat_blueprint.devcluster import APP_ROLE, OWNER_ROLE, SUPERUSER, free_port
+from devtools.cluster import APP_ROLE, OWNER_ROLE, SUPERUSER
+from devtools.ports import free_port
 
 TTL_S = 3600
 MAINTENANCE_ROLE = "chat_maintenance"

@@ -10,7 +10,7 @@ import pytest
 from support import ROOT, SECRET, built_app, make_user
 
 from chat_blueprint.config import ConfigError, load_settings, normalize_database_url
-from chat_blueprint.devcluster import free_port
+from devtools.ports import free_port
 
 
 def test_healthz(client):
@@ -95,6 +95,30 @@ def test_mint_token_warns_about_a_short_secret_in_one_line():
 def test_mint_token_refuses_a_blank_user():
     result = flask_cli("mint-token", " ", BETTER_AUTH_SECRET=SECRET)
     assert result.returncode == 2 and "USER_ID" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mint_token_is_a_command_of_this_app_only(tmp_path):
+    """Another Flask app installed beside this package does not get it."""
+    (tmp_path / "other.py").write_text("from flask import Flask\napp = Flask(__name__)\n")
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "other", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert "mint-token" not in result.stdout and "prune" not in result.stdout
+    assert "mint-token" in flask_cli("--help").stdout
+
+
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("prune",)])
+def test_a_command_that_needs_the_database_says_so_in_one_line(command):
+    result = flask_cli(*command, BETTER_AUTH_SECRET=SECRET)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Error: DATABASE_URL is not set (a postgresql:// URL is required)"]
+
+
+def test_a_bad_setting_under_the_flask_command_is_one_line():
+    result = flask_cli("db", "upgrade", DATABASE_URL="postgresql://h/db", ASSISTANT="openai")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Error: ASSISTANT_BASE_URL is not set (required when "
+                                                  "ASSISTANT=openai)"]
 
 
 @pytest.mark.parametrize("env, variable", [

@@ -13,8 +13,8 @@ import pytest
 import requests
 from support import built_app, connect, gunicorn, make_user
 
-from chat_blueprint import tenancy
-from chat_blueprint.extensions import db
+from chat_blueprint.db import tenancy
+from chat_blueprint.db.extensions import db
 
 LOCK_TIMEOUT_S = 1
 # Far above the timeouts, so a request that waits for the lock instead of

@@ -12,8 +12,8 @@ import requests
 from fake_llm import slow, status, text, tool_calls
 from support import built_app, connect, gunicorn, make_user
 
-from chat_blueprint import tenancy
-from chat_blueprint.extensions import db
+from chat_blueprint.db import tenancy
+from chat_blueprint.db.extensions import db
 
 
 @pytest.fixture(scope="module")

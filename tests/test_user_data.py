@@ -15,9 +15,10 @@ import requests
 from support import built_app, connect, gunicorn, make_user
 from psycopg import sql
 
-from chat_blueprint import data_rights
-from chat_blueprint.devcluster import APP_ROLE, free_port
-from chat_blueprint.extensions import db
+from chat_blueprint.services import user_data
+from devtools.cluster import APP_ROLE
+from devtools.ports import free_port
+from chat_blueprint.db.extensions import db
 
 
 def post_json(client, user, path, body, **headers):
@@ -107,13 +108,13 @@ def test_export_reads_in_batches_and_writes_the_same_document(app, client, alice
     post_json(client, alice, "/tasks", {"title": "a third task"})
     whole = export(client, alice)
     with app.app_context():
-        batched = json.loads(b"".join(data_rights.Export(db.engine, alice.id, batch_rows=2)))
+        batched = json.loads(b"".join(user_data.Export(db.engine, alice.id, batch_rows=2)))
         assert db.engine.pool.checkedout() == 0
     assert without_exported_at(batched) == without_exported_at(whole)
 
 
 def test_a_client_that_goes_away_frees_the_connection(app, alice, app_url, monkeypatch):
-    monkeypatch.setattr(data_rights, "EXPORT_CHUNK_CHARS", 16)
+    monkeypatch.setattr(user_data, "EXPORT_CHUNK_CHARS", 16)
     with connect(app_url, alice.id) as conn:
         conversation_id = conn.execute("insert into conversation (user_id, title) values (%s, 't') returning id",
                                        (alice.id,)).fetchone()[0]
@@ -173,7 +174,7 @@ def test_export_and_erase_with_the_database_down_are_503():
 
 def user_tables(app) -> list[str]:
     with app.app_context(), db.engine.connect() as connection:
-        return data_rights.user_tables(connection)
+        return user_data.user_tables(connection)
 
 
 def test_every_table_with_a_user_id_is_exported_or_named_as_left_out(app):
@@ -182,8 +183,8 @@ def test_every_table_with_a_user_id_is_exported_or_named_as_left_out(app):
     tables = user_tables(app)
     assert {"conversation", "message", "task", "idempotency_key", "chat_rate_limit"} <= set(tables)
     with app.app_context(), db.engine.connect() as connection:
-        assert data_rights.unexported_tables(connection) == []
-    assert set(data_rights.NOT_EXPORTED) <= set(tables), "NOT_EXPORTED names a table that no longer exists"
+        assert user_data.unexported_tables(connection) == []
+    assert set(user_data.NOT_EXPORTED) <= set(tables), "NOT_EXPORTED names a table that no longer exists"
 
 
 def test_the_app_role_may_delete_from_every_table_with_a_user_id(app, app_url):
@@ -198,7 +199,7 @@ def test_the_app_role_may_delete_from_every_table_with_a_user_id(app, app_url):
 
 def test_messages_go_with_their_conversations(app):
     with app.app_context(), db.engine.connect() as connection:
-        plan = data_rights.erase_plan(connection)
+        plan = user_data.erase_plan(connection)
     assert "message" in plan.cascaded and "message" not in plan.statements
     assert plan.order.index("message") < plan.order.index("conversation")
     assert set(plan.order) == set(user_tables(app))
@@ -277,8 +278,8 @@ def test_a_table_added_later_is_erased_and_flagged_for_the_export(app, client, a
             conn.execute("insert into later_note (user_id, conversation_id, body) values (%s, %s, 'note')",
                          (user.id, conversation["conversation_id"]))
     with app.app_context(), db.engine.connect() as connection:
-        assert data_rights.unexported_tables(connection) == [later_table]
-        plan = data_rights.erase_plan(connection)
+        assert user_data.unexported_tables(connection) == [later_table]
+        plan = user_data.erase_plan(connection)
     assert plan.statements.index(later_table) < plan.statements.index("conversation")
     assert client.delete(f"/api/{alice.id}/data", headers=alice.headers).status_code == 204
     assert rows_per_table(app_url, alice.id, [later_table, "conversation"]) == {later_table: 0, "conversation": 0}

@@ -17,7 +17,7 @@ from pathlib import Path
 import flask_swagger_ui
 from flask import Blueprint, Response, send_from_directory, url_for
 
-from .errors import ApiError
+from ..errors import ApiError
 
 bp = Blueprint("docs", __name__)
 
@@ -80,7 +80,7 @@ def docs():
         index_css=escape(url_for("docs.asset", name="index.css")),
         icon=escape(url_for("docs.asset", name="favicon-32x32.png")),
         bundle=escape(url_for("docs.asset", name="swagger-ui-bundle.js")),
-        openapi=escape(url_for("service.openapi")),
+        openapi=escape(url_for("ops.openapi")),
         script=INIT_SCRIPT,
     )
     response = Response(page, mimetype="text/html")

@@ -1,11 +1,13 @@
-"""Service routes: liveness, readiness, and the OpenAPI document."""
+"""Operational routes: liveness, readiness, metrics and the OpenAPI document."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
-from .isolation import IsolationNotInForce, check_now
+from ..db.extensions import db
+from ..db.isolation import IsolationNotInForce, check_now
+from ..runtime import metrics
 
-bp = Blueprint("service", __name__)
+bp = Blueprint("ops", __name__)
 
 
 @bp.get("/healthz")
@@ -19,11 +21,18 @@ def readyz():
     """200 when the database answers and isolation is in force, else 503 with
     the reason (a database that does not answer goes to the 503 handler).
     The verdict also becomes this process's, so the API follows it at once."""
-    problems = check_now()
+    problems = check_now(db.engine)
     current_app.extensions["isolation_watch"].record(problems)
     if problems:
         raise IsolationNotInForce(problems)
     return {"status": "ready"}
+
+
+@bp.get("/metrics")
+def metrics_endpoint():
+    """Prometheus text format, merged over every worker."""
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/api/openapi.json")

@@ -21,7 +21,8 @@ from typing import Iterable, Iterator
 
 from flask import Response
 
-from .turns import Answered, Delta, Failed, PendingTurn, Replay, TurnStream
+from ..services.turn_relay import Answered, Delta, Failed, TurnStream
+from ..services.turns import PendingTurn, Replay
 
 HEADERS = {
     "Cache-Control": "no-cache",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from flask import Response, g
 
-from . import data_rights
-from .extensions import db
-from .http import user_blueprint
+from ..db.extensions import db
+from ..services import user_data
+from .guards import user_blueprint
 
 bp = user_blueprint("user_data", __name__)
 
@@ -21,7 +21,7 @@ def export():
     """Every row of the user (tasks, conversations and their messages) as one
     JSON document, written out as it is read (the right to data portability).
     The transaction opens here, so a database failure is still a 503."""
-    document = data_rights.Export(db.engine, g.user_id)
+    document = user_data.Export(db.engine, g.user_id)
     return Response(document, mimetype="application/json", headers=EXPORT_HEADERS)
 
 
@@ -29,5 +29,5 @@ def export():
 def erase():
     """Erase every row of the user in every table (the right to erasure; the
     hook an account deletion calls). Repeating it is 204 again."""
-    data_rights.erase_user(db.session, g.user_id)
+    user_data.erase_user(db.session, g.user_id)
     return "", 204

@@ -79,6 +79,16 @@ def _timeouts_of(engine: Engine) -> Timeouts:
     return _engine_timeouts.get(engine, DEFAULT_TIMEOUTS)
 
 
+def _dropped_if_dead(engine: Engine, pooled, connection: psycopg.Connection, exc: BaseException) -> bool:
+    """If the failure left `connection` dead, invalidate it alone and have the
+    pool check the older ones (pool.py); True when it was dead."""
+    if not (connection.broken or connection.closed):
+        return False
+    pooled.invalidate(exc if isinstance(exc, Exception) else None)
+    pool.found_dead(engine)
+    return True
+
+
 @contextmanager
 def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
     """One transaction as `user_id` on a pooled psycopg connection in pipeline mode.
@@ -97,10 +107,7 @@ def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
                 yield connection
                 connection.commit()
         except BaseException as exc:
-            if connection.broken or connection.closed:
-                pooled.invalidate(exc if isinstance(exc, Exception) else None)
-                pool.found_dead(engine)
-            else:
+            if not _dropped_if_dead(engine, pooled, connection, exc):
                 try:
                     connection.rollback()
                 except psycopg.Error:
@@ -123,9 +130,7 @@ def snapshot(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
                 bind(cursor, user_id, _timeouts_of(engine))
             yield connection
         except BaseException as exc:
-            if connection.broken or connection.closed:
-                pooled.invalidate(exc if isinstance(exc, Exception) else None)
-                pool.found_dead(engine)
+            _dropped_if_dead(engine, pooled, connection, exc)
             raise
         finally:
             if not (connection.broken or connection.closed):

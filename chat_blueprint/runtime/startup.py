@@ -10,8 +10,8 @@ import logging
 
 import psycopg
 
-from .config import ConfigError, load_settings
-from .isolation import isolation_problems
+from ..config import ConfigError, load_settings
+from ..db.isolation import isolation_problems
 
 log = logging.getLogger("chat_blueprint.startup")
 
@@ -40,7 +40,7 @@ def check_before_serving() -> None:
 
 
 def main() -> int:
-    """`python -m chat_blueprint.startup`: the check as its own process, so that
+    """`python -m chat_blueprint.runtime.startup`: the check as its own process, so that
     gunicorn's master never imports Flask (see gunicorn.conf.py). Exit 1 on a
     refusal, with the reason on stderr."""
     import sys

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from flask import g, jsonify, url_for
 
-from . import task_service
-from .extensions import db
-from .http import json_body, query_args, user_blueprint
-from .schemas import TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskUpdateSchema
+from ..db.extensions import db
+from ..schemas import TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskUpdateSchema
+from ..services import tasks
+from .bodies import json_body, query_args
+from .guards import user_blueprint
 
 bp = user_blueprint("tasks", __name__)
 
@@ -20,7 +21,7 @@ def list_tasks():
     ones, `limit` at a time; a `Link: <...>; rel="next"` header names the next
     page while more follow (the body stays a plain JSON array)."""
     args = query_args(TaskListQuerySchema())
-    page, next_cursor = task_service.list_tasks(db.session, g.user_id, args["status"], args["limit"],
+    page, next_cursor = tasks.list_tasks(db.session, g.user_id, args["status"], args["limit"],
                                                 args["cursor"])
     response = jsonify(tasks_schema.dump(page))
     if next_cursor is not None:
@@ -33,29 +34,29 @@ def list_tasks():
 @bp.post("/tasks")
 def add_task():
     body = json_body(TaskCreateSchema())
-    task = task_service.add_task(db.session, g.user_id, body["title"], body.get("description"))
+    task = tasks.add_task(db.session, g.user_id, body["title"], body.get("description"))
     return task_schema.dump(task), 201
 
 
 @bp.get("/tasks/<bigint:task_id>")
 def get_task(task_id: int):
-    return task_schema.dump(task_service.get_task(db.session, g.user_id, task_id))
+    return task_schema.dump(tasks.get_task(db.session, g.user_id, task_id))
 
 
 @bp.put("/tasks/<bigint:task_id>")
 def update_task(task_id: int):
     """Change the title, the description, or both."""
     changes = json_body(TaskUpdateSchema())
-    return task_schema.dump(task_service.update_task(db.session, g.user_id, task_id, changes))
+    return task_schema.dump(tasks.update_task(db.session, g.user_id, task_id, changes))
 
 
 @bp.delete("/tasks/<bigint:task_id>")
 def delete_task(task_id: int):
-    task_service.delete_task(db.session, g.user_id, task_id)
+    tasks.delete_task(db.session, g.user_id, task_id)
     return "", 204
 
 
 @bp.patch("/tasks/<bigint:task_id>/complete")
 def toggle_complete(task_id: int):
     """Flip `completed`: pending becomes completed, completed becomes pending."""
-    return task_schema.dump(task_service.toggle_complete(db.session, g.user_id, task_id))
+    return task_schema.dump(tasks.toggle_complete(db.session, g.user_id, task_id))

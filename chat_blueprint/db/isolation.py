@@ -5,7 +5,7 @@ or is a member of a role that does (an owner can `ALTER TABLE ... NO FORCE
 ROW LEVEL SECURITY`, or drop the policies), or when a table lacks enabled and
 forced row-level security.
 
-Serving refuses to start when it is not (see `startup.py`), `/readyz` reports
+Serving refuses to start when it is not (see `runtime/startup.py`), `/readyz` reports
 the same as a 503, and while serving each process repeats the check at least
 every ISOLATION_CHECK_INTERVAL_S seconds, answering API requests 503 while it
 fails: a role altered after start-up (`ALTER ROLE chat_app BYPASSRLS`, `GRANT
@@ -17,9 +17,9 @@ import logging
 import threading
 import time
 
-from flask import current_app
+from sqlalchemy.engine import Engine
 
-from .errors import ApiError
+from ..errors import ApiError
 from .models import ISOLATED_TABLES
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ class IsolationNotInForce(ApiError):
                          headers={"Retry-After": "30"})
 
 
-def check_now() -> list[str]:
-    """Run the check on a fresh pooled connection (raises if the database is down)."""
-    with current_app.extensions["sqlalchemy"].engine.connect() as connection:
+def check_now(engine: Engine) -> list[str]:
+    """Run the check on a pooled connection of `engine` (raises if the database is down)."""
+    with engine.connect() as connection:
         cursor = connection.connection.cursor()
         try:
             return isolation_problems(cursor)
@@ -112,8 +112,9 @@ class IsolationWatch:
             log.warning("isolation is in force again; serving")
         self._problems, self._checked_at = problems, time.monotonic()
 
-    def ensure(self, check=check_now) -> None:
-        """Raise IsolationNotInForce (503) while the latest verdict is a failure."""
+    def ensure(self, check) -> None:
+        """Raise IsolationNotInForce (503) while the latest verdict is a failure;
+        `check()` runs the check when one is due (`check_now` on the app's engine)."""
         if self._due() and self._lock.acquire(blocking=self._checked_at is None):
             try:
                 if self._due():
@@ -123,7 +124,3 @@ class IsolationWatch:
         if self._problems:
             raise IsolationNotInForce(self._problems)
 
-
-def ensure_isolation() -> None:
-    """Before an API request is served: 503 while isolation is not in force."""
-    current_app.extensions["isolation_watch"].ensure()

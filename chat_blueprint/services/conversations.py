@@ -1,6 +1,6 @@
-"""Conversation and message history: the ORM queries behind the history API.
+"""Conversations and their messages: the ORM queries behind the history API.
 
-Lists are keyset-paginated: a cursor (cursors.py) is the base64url JSON of
+Lists are keyset-paginated: a cursor (pagination.py) is the base64url JSON of
 the last row's sort key, so a page costs the same however deep it is.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import uuid
 from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from . import cursors
-from .errors import ApiError
-from .models import Conversation, Message
+from ..db.models import Conversation, Message
+from ..errors import ApiError
+from . import pagination
 
 
 class ConversationNotFound(ApiError):
@@ -24,17 +24,12 @@ def list_conversations(session: Session, user_id: str, limit: int, cursor: str |
     """Most recently updated first, keyset-paginated on (updated_at, id)."""
     query = select(Conversation).where(Conversation.user_id == user_id)
     if cursor is not None:
-        updated_at, conversation_id = cursors.decode_conversation(cursor)
+        updated_at, conversation_id = pagination.decode_conversation(cursor)
         query = query.where(tuple_(Conversation.updated_at, Conversation.id) < tuple_(updated_at, conversation_id))
     query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit + 1)
     with session.begin():
         rows = list(session.scalars(query))
-    page, more = rows[:limit], len(rows) > limit
-    next_cursor = None
-    if more:
-        last = page[-1]
-        next_cursor = cursors.encode_conversation(last.updated_at, last.id)
-    return page, next_cursor
+    return pagination.keyset_page(rows, limit, lambda last: pagination.encode_conversation(last.updated_at, last.id))
 
 
 def get_conversation(session: Session, user_id: str, conversation_id: uuid.UUID) -> Conversation:
@@ -78,7 +73,7 @@ def list_messages(session: Session, user_id: str, conversation_id: uuid.UUID, li
     """A page of a conversation's messages in id order, keyset-paginated on id."""
     query = select(Message).where(Message.conversation_id == conversation_id, Message.user_id == user_id)
     if cursor is not None:
-        after_id = cursors.decode_message(cursor)
+        after_id = pagination.decode_message(cursor)
         query = query.where(Message.id > after_id if order == "asc" else Message.id < after_id)
     query = query.order_by(Message.id.asc() if order == "asc" else Message.id.desc()).limit(limit + 1)
     with session.begin():
@@ -87,5 +82,4 @@ def list_messages(session: Session, user_id: str, conversation_id: uuid.UUID, li
         if exists is None:
             raise ConversationNotFound()
         rows = list(session.scalars(query))
-    page, more = rows[:limit], len(rows) > limit
-    return page, (cursors.encode_message(page[-1].id) if more else None)
+    return pagination.keyset_page(rows, limit, lambda last: pagination.encode_message(last.id))

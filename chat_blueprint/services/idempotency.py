@@ -25,7 +25,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from .errors import ApiError
+from ..errors import ApiError
 
 CLAIM_KEY = """
 INSERT INTO idempotency_key (user_id, key, request_hash, status)

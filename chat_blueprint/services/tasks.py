@@ -8,9 +8,9 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from . import cursors
-from .errors import ApiError
-from .models import Task
+from ..db.models import Task
+from ..errors import ApiError
+from . import pagination
 
 
 class TaskNotFound(ApiError):
@@ -27,13 +27,12 @@ def list_tasks(session: Session, user_id: str, status: str = "all", limit: int =
     if status != "all":
         query = query.where(Task.completed.is_(status == "completed"))
     if cursor is not None:
-        created_at, task_id = cursors.decode_task(cursor)
+        created_at, task_id = pagination.decode_task(cursor)
         query = query.where(tuple_(Task.created_at, Task.id) < tuple_(created_at, task_id))
     query = query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
     tasks = list(session.scalars(query))
     session.commit()
-    page, more = tasks[:limit], len(tasks) > limit
-    return page, (cursors.encode_task(page[-1].created_at, page[-1].id) if more else None)
+    return pagination.keyset_page(tasks, limit, lambda last: pagination.encode_task(last.created_at, last.id))
 
 
 def add_task(session: Session, user_id: str, title: str, description: str | None) -> Task:

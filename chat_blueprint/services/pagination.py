@@ -1,4 +1,4 @@
-"""Page cursors: the one place they are written and read.
+"""Keyset pages and their cursors: the one place cursors are written and read.
 
 A cursor is the unpadded base64url of a compact JSON array holding the sort
 key of the last row of a page. It is opaque to clients, and a client can send
@@ -20,15 +20,27 @@ import binascii
 import json
 import uuid
 from datetime import datetime, timezone
+from typing import Callable, Sequence, TypeVar
 
-from .errors import ApiError
-from .models import BIGINT_MAX
+from ..db.models import BIGINT_MAX
+from ..errors import ApiError, invalid_fields
+
+Row = TypeVar("Row")
 
 
 class InvalidCursor(ApiError):
+    """A cursor this API did not write: the usual 422, naming `cursor`."""
+
     def __init__(self):
-        super().__init__(422, "validation_failed", "the request has invalid fields",
-                         fields={"cursor": ["Not a cursor returned by this API."]})
+        error = invalid_fields({"cursor": ["Not a cursor returned by this API."]})
+        super().__init__(error.status, error.code, error.message, **error.extra)
+
+
+def keyset_page(rows: Sequence[Row], limit: int, cursor_of: Callable[[Row], str]) -> tuple[list[Row], str | None]:
+    """The page of `rows` (fetched with `limit + 1` so the extra row says more
+    follow) and the cursor of the next page, from its last row (None on the last)."""
+    page = list(rows[:limit])
+    return page, (cursor_of(page[-1]) if len(rows) > limit else None)
 
 
 def _encode(*values) -> str:

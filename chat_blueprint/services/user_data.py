@@ -1,4 +1,4 @@
-"""The user's data: a copy of it, its erasure, and retention (no Flask here).
+"""The user's data: a copy of it and its erasure (no Flask here).
 
 - `Export`: every row of one user as one JSON document (the shape of
   `schemas.ExportSchema`), read in one snapshot and written out as it is read,
@@ -10,9 +10,6 @@
   `user_id` column, in one transaction, under row-level security. The tables
   are read from the schema at each call, so a table added later is erased
   without a change here.
-- `prune`: expired idempotency keys and idle rate-limit rows, across users,
-  through the SECURITY DEFINER functions of policies/prune.sql (run as the
-  owner; the app role cannot call them).
 """
 from __future__ import annotations
 
@@ -28,8 +25,8 @@ from sqlalchemy import column, delete, table, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from . import tenancy
-from .schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
+from ..db import tenancy
+from ..schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
 
 log = logging.getLogger(__name__)
 
@@ -244,37 +241,3 @@ class Export:
 
     def close(self) -> None:
         self._chunks.close()
-
-
-# Retention
-
-PRUNE_KEYS = text("SELECT prune_idempotency_keys(:ttl_s, :batch_size)")
-PRUNE_RATE_LIMITS = tuple(text(f"SELECT deleted, last_user_id FROM {function}(:after, :batch_size)")
-                          for function in ("prune_chat_rate_limits", "prune_write_rate_limits"))
-
-
-@dataclass(frozen=True)
-class Pruned:
-    idempotency_keys: int
-    rate_limits: int
-
-
-def prune(engine: Engine, ttl_s: int, batch_size: int) -> Pruned:
-    """Delete idempotency keys older than `ttl_s` and rate-limit rows that no
-    longer limit anything, `batch_size` rows per transaction, so no lock or
-    transaction grows with the tables. Needs a role that may execute the
-    prune functions (the owner, or one it granted EXECUTE to)."""
-    keys = rate_limits = 0
-    with engine.connect() as connection:
-        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-        while True:
-            deleted = connection.scalar(PRUNE_KEYS, {"ttl_s": ttl_s, "batch_size": batch_size})
-            keys += deleted
-            if deleted < batch_size:
-                break
-        for prune_rate_limits in PRUNE_RATE_LIMITS:
-            after = ""
-            while after is not None:
-                deleted, after = connection.execute(prune_rate_limits, {"after": after, "batch_size": batch_size}).one()
-                rate_limits += deleted
-    return Pruned(keys, rate_limits)

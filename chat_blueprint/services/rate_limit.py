@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from . import tenancy
-from .errors import ApiError
+from ..db import tenancy
+from ..errors import ApiError
 
 # No row returned: limited.
 TAKE = """
@@ -95,11 +95,6 @@ def queue_take(connection, user_id: str, limit: RateLimit, bucket: Bucket = CHAT
     taken.execute(bucket.take_sql, params)
     retry_after.execute(bucket.retry_after_sql, params)
     return PendingTake(bucket, taken, retry_after)
-
-
-def take_turn(connection, user_id: str, limit: RateLimit) -> None:
-    """Count one chat turn against `limit` in `connection`'s transaction, or raise RateLimited."""
-    queue_take(connection, user_id, limit, CHAT).check()
 
 
 # A step lost in a crash costs nothing (the user gets one more write), so its

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .devcluster import free_port
+from .ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = ("-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app")

@@ -11,10 +11,9 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, has_app_context
 
-from . import schemas
-from .models import BIGINT_MAX
-
-DEFAULT_MESSAGE_MAX_CHARS = 16_000
+from .. import schemas
+from ..config import DEFAULT_MESSAGE_MAX_CHARS
+from ..db.models import BIGINT_MAX
 
 
 def _header(description: str) -> dict:

@@ -20,168 +20,50 @@ number of app instances, so message ids follow one total order per
 conversation, and each turn sees every message committed before it.
 
 The turn is the hot path, so it skips the ORM: each transaction is a few SQL
-statements sent in one psycopg pipeline through `tenancy.transaction` (one
-network round trip for a turn without a key).
+statements (turn_sql.py) sent in one psycopg pipeline through
+`tenancy.transaction` (one network round trip for a turn without a key). A
+streamed turn runs the same steps on a thread of its own (turn_relay.py).
 """
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import json
 import logging
-import queue
-import threading
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
-import psycopg
 import psycopg.errors
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine
 
-from . import idempotency, rate_limit, tenancy
-from .assistants import Assistant, AssistantError, AssistantTimeout, HistoryMessage, Reply, stream_reply
-from .errors import DATABASE_ERRORS, ApiError, database_failure
-from .history import ConversationNotFound
+from ..assistants import Assistant, HistoryMessage, Reply
+from ..db import tenancy
+from ..errors import DATABASE_ERRORS, database_failure
+from ..schemas import TITLE_PREVIEW_CHARS
+from . import idempotency, rate_limit
+from .asking import Asking, AssistantFailed
+from .conversations import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
-from .observability import observe_assistant, observe_tokens
 from .rate_limit import RateLimit
-from .schemas import TITLE_PREVIEW_CHARS
+from .storable import UNSTORABLE, storable
+from .turn_relay import TurnStream
+from .turn_sql import (
+    HISTORY_WINDOW,
+    LATEST_WINDOW,
+    STORE_IN_CONVERSATION,
+    STORE_IN_NEW_CONVERSATION,
+    STORE_REPLY,
+    STORED_REPLY,
+    USER_MESSAGE_TURN,
+)
 
 log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
-KEEPALIVE_S = 15.0
-HISTORY_MAX_CHARS = 48_000
 # Answers stored under a key before replies carried the model's report.
 ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
 
-# Transaction 1. The user message goes in with the conversation's row lock
-# taken by the UPDATE (or the conversation is created), numbered by the
-# conversation's new turn_count, and under a key the key row learns which
-# message it stored. Both statements end with the same two steps.
-STORE_USER_MESSAGE = """
-, stored AS (
-    INSERT INTO message (conversation_id, user_id, role, content, turn)
-    SELECT id, %(user_id)s, 'user', %(content)s, turn_count FROM counted
-    RETURNING conversation_id, id, turn
-), claimed AS (
-    UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
-    FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
-)
-SELECT conversation_id, id, turn FROM stored
-"""
-
-STORE_IN_CONVERSATION = """
-WITH counted AS (
-    UPDATE conversation
-    SET turn_count = turn_count + 1, message_count = message_count + 1, updated_at = now()
-    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
-    RETURNING id, turn_count
-)""" + STORE_USER_MESSAGE
-
-STORE_IN_NEW_CONVERSATION = """
-WITH counted AS (
-    INSERT INTO conversation (user_id, title, message_count, turn_count)
-    VALUES (%(user_id)s, %(title)s, 1, 1)
-    RETURNING id, turn_count
-)""" + STORE_USER_MESSAGE
-
-# The last messages up to and including the user message, newest first: a
-# backward scan of the (conversation_id, id) primary key that stops after
-# `limit` rows, so its cost does not grow with the conversation's length
-# (migration 0002 says why no index is led by `id` alone).
-HISTORY_WINDOW = """
-SELECT role, content, tool_calls FROM message
-WHERE conversation_id = %(conversation_id)s AND id <= %(up_to)s
-ORDER BY id DESC LIMIT %(limit)s
-"""
-
-LATEST_WINDOW = """
-SELECT role, content, tool_calls FROM message
-WHERE conversation_id = %(conversation_id)s
-ORDER BY id DESC LIMIT %(limit)s
-"""
-
-USER_MESSAGE_TURN = """
-SELECT turn FROM message WHERE conversation_id = %(conversation_id)s AND id = %(id)s AND user_id = %(user_id)s
-"""
-
-# Transaction 2: lock the conversation again, store the reply, and under a
-# key record the whole answer (with the new message's id) in the same commit.
-STORE_REPLY = """
-WITH locked AS (
-    UPDATE conversation SET message_count = message_count + 1, updated_at = now()
-    WHERE id = %(conversation_id)s AND user_id = %(user_id)s
-    RETURNING id
-), reply AS (
-    INSERT INTO message (conversation_id, user_id, role, content, tool_calls, reply_to, model, finish_reason, usage)
-    SELECT id, %(user_id)s, 'assistant', %(content)s, %(tool_calls)s, %(reply_to)s, %(model)s, %(finish_reason)s,
-           %(usage)s
-    FROM locked
-    RETURNING id
-), answered AS (
-    UPDATE idempotency_key
-    SET status = 'done', updated_at = now(),
-        response = jsonb_set(%(response)s, '{assistant_message_id}', to_jsonb(reply.id))
-    FROM reply WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
-)
-SELECT id FROM reply
-"""
-
-
-STORED_REPLY = """
-SELECT id, content, tool_calls, model, finish_reason, usage FROM message
-WHERE conversation_id = %(conversation_id)s AND reply_to = %(reply_to)s AND user_id = %(user_id)s
-"""
-
 REPLY_TO_INDEX = "uq_message_reply_to"
-
-# What storing a reply raises when it holds something PostgreSQL refuses that
-# `storable` did not foresee: the assistant's fault (502), not the client's.
-UNSTORABLE = (psycopg.DataError, UnicodeError)
-
-
-def _storable_text(text: str) -> str:
-    """PostgreSQL text and jsonb hold neither NUL nor a lone surrogate (which
-    UTF-8 cannot encode): each becomes U+FFFD, the replacement character."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
-
-
-def _storable_json(value):
-    if isinstance(value, str):
-        return _storable_text(value)
-    if isinstance(value, list):
-        return [_storable_json(item) for item in value]
-    if isinstance(value, dict):
-        return {_storable_text(str(key)): _storable_json(item) for key, item in value.items()}
-    return value
-
-
-def storable(reply: Reply) -> Reply:
-    """`reply` as PostgreSQL can store it: a model may send NUL characters or
-    lone surrogates (valid JSON escapes) in its text or in tool-call arguments."""
-    return dataclasses.replace(reply, text=_storable_text(reply.text), tool_calls=_storable_json(reply.tool_calls),
-                               model=_storable_json(reply.model), finish_reason=_storable_json(reply.finish_reason),
-                               usage=_storable_json(reply.usage))
-
-
-class AssistantFailed(ApiError):
-    """The assistant let the turn down after its user message was stored (502 or 504)."""
-
-    def __init__(self, status: int, code: str, message: str, pending: PendingTurn, headers=None):
-        super().__init__(status, code, message, headers, conversation_id=str(pending.conversation_id),
-                         user_message_id=pending.user_message_id)
-
 
 @dataclass(frozen=True)
 class TurnRequest:
@@ -215,27 +97,6 @@ class Replay:
         object.__setattr__(self, "response", {**ANSWER_DEFAULTS, **self.response})
 
 
-@dataclass(frozen=True)
-class Delta:
-    """A piece of the reply's text, as the assistant produced it."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Answered:
-    """The reply is stored: the whole answer, as blocking mode returns it."""
-
-    answer: dict
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The turn ended unanswered after its user message was stored."""
-
-    error: ApiError
-
-
 def _window(rows, max_chars: int) -> list[HistoryMessage]:
     """The window, oldest first, from its rows newest first (the user message being
     answered is the first): that message always, whole; then older ones for as long
@@ -255,11 +116,10 @@ class Turns:
     """The turn service for one assistant backend on one engine."""
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
-                 stale_after_s: float, idempotency_ttl_s: int, rate_limit: RateLimit | None = None,
-                 keepalive_s: float = KEEPALIVE_S, history_max_chars: int = HISTORY_MAX_CHARS):
+                 history_max_chars: int, stale_after_s: float, idempotency_ttl_s: int, keepalive_s: float,
+                 rate_limit: RateLimit | None = None):
         self.engine = engine
-        self.assistant = assistant
-        self.backend = backend
+        self.asking = Asking(assistant, backend)
         self.history_limit = history_limit
         self.history_max_chars = history_max_chars
         self.stale_after_s = stale_after_s
@@ -376,52 +236,11 @@ class Turns:
 
     def ask(self, pending: PendingTurn) -> Reply:
         """The assistant's reply to the window; any failure is an AssistantFailed."""
-        started = time.perf_counter()
-        try:
-            reply = self.assistant.reply(pending.history, pending.turn, user_id=pending.user_id)
-        except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
-            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
-            raise self.assistant_failed(pending, failure) from None
-        self._observe("ok", started, reply)
-        return reply
+        return self.asking.reply(pending)
 
     def ask_streaming(self, pending: PendingTurn, emit) -> Reply:
         """Like `ask`, calling `emit(Delta(text))` for each piece of text as it comes."""
-        started = time.perf_counter()
-        try:
-            for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
-                if isinstance(item, Reply):
-                    reply = item
-                    break
-                if item:
-                    emit(Delta(item))
-            else:
-                raise AssistantError("the assistant's stream ended without a reply")
-        except Exception as failure:  # noqa: BLE001 - as in `ask`
-            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
-            raise self.assistant_failed(pending, failure) from None
-        self._observe("ok", started, reply)
-        return reply
-
-    def _observe(self, outcome: str, started: float, reply: Reply | None = None) -> None:
-        observe_assistant(self.backend, outcome, time.perf_counter() - started)
-        if reply is not None and reply.usage is not None:
-            # By the model the server reported, else the one asked for (ASSISTANT_MODEL).
-            observe_tokens(self.backend, reply.model or getattr(self.assistant, "model", None), reply.usage)
-
-    @staticmethod
-    def assistant_failed(pending: PendingTurn, failure: Exception) -> AssistantFailed:
-        if isinstance(failure, AssistantTimeout):
-            status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"
-        elif isinstance(failure, AssistantError):
-            status, code, message = 502, "assistant_failed", f"the assistant failed: {failure}"
-        else:
-            log.error("assistant raised an unexpected error", exc_info=failure)
-            status, code, message = 502, "assistant_failed", "the assistant failed"
-        log.warning("chat turn unanswered: %s (%s)", code, type(failure).__name__)
-        retry_after_s = getattr(failure, "retry_after_s", None)
-        headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-        return AssistantFailed(status, code, message, pending, headers)
+        return self.asking.stream(pending, emit)
 
     # Step 3
 
@@ -513,48 +332,3 @@ class Turns:
             raise
 
 
-class TurnStream:
-    """The events of a streaming turn: `Delta`s, then one `Answered` or `Failed`;
-    `None` when nothing happened for `keepalive_s` (time for a keep-alive).
-
-    `ask_streaming` and `finish` run on a thread of their own, started here,
-    with the request's context variables (request id, for the logs). The
-    caller only relays what it produces, so a client that goes away cannot
-    cancel the turn: the reply is stored when the assistant finishes. `close`
-    (also run when the caller's generator is closed) waits for that, so a
-    graceful shutdown of the server lets the turn end first.
-    """
-
-    def __init__(self, turns: Turns, pending: PendingTurn, keepalive_s: float = KEEPALIVE_S):
-        self.pending = pending
-        self.keepalive_s = keepalive_s
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._produce, turns), name="chat-turn")
-        self._thread.start()
-
-    def _produce(self, turns: Turns) -> None:
-        emit = self._events.put
-        try:
-            answer = turns.answer(self.pending, lambda pending: turns.ask_streaming(pending, emit))
-        except ApiError as error:
-            emit(Failed(error))
-        except Exception:
-            log.exception("streaming chat turn failed")
-            emit(Failed(ApiError(500, "internal_error", "an unexpected error occurred")))
-        else:
-            emit(Answered(answer))
-
-    def __iter__(self) -> Iterator[Delta | Answered | Failed | None]:
-        while True:
-            try:
-                event = self._events.get(timeout=self.keepalive_s)
-            except queue.Empty:
-                yield None
-                continue
-            yield event
-            if isinstance(event, (Answered, Failed)):
-                return
-
-    def close(self) -> None:
-        self._thread.join()

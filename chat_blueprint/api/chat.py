@@ -1,0 +1,54 @@
+"""The chat route: one turn, blocking or streamed. Thin: parse, call, deliver."""
+from __future__ import annotations
+
+from flask import current_app, g, request
+
+from ..db.extensions import db
+from ..errors import invalid_fields
+from ..schemas import ChatRequestSchema
+from ..services.turns import Replay, Turns
+from . import ui_stream
+from .bodies import json_body
+from .guards import user_blueprint
+
+bp = user_blueprint("chat", __name__)
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise invalid_fields({"Idempotency-Key": [f"Must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters."]})
+    return key
+
+
+def _turns() -> Turns:
+    return Turns.from_settings(db.engine, current_app.extensions["assistant"], current_app.config["SETTINGS"])
+
+
+def _wants_stream(body: dict) -> bool:
+    """`"stream": true`, or `Accept` naming text/event-stream itself (not through */*)."""
+    return body["stream"] or any(mimetype == ui_stream.MIMETYPE and quality > 0
+                                 for mimetype, quality in request.accept_mimetypes)
+
+
+@bp.post("/chat")
+def chat():
+    """One chat turn: store the user message, ask the assistant with the
+    stored history, store its reply. No transaction is open while the
+    assistant runs. Streamed, every refusal still comes from `begin`, before
+    the first event, as a JSON error with its status."""
+    settings = current_app.config["SETTINGS"]
+    key = _idempotency_key()
+    body = json_body(ChatRequestSchema(max_chars=settings.message_max_chars))
+    turns = _turns()
+    turn = turns.request(g.user_id, body["message"], body["conversation_id"], key)
+    if not _wants_stream(body):
+        return turns.run(turn)
+    started = turns.begin(turn)
+    if isinstance(started, Replay):
+        return ui_stream.response(ui_stream.replay_events(started))
+    return ui_stream.response(ui_stream.turn_events(turns.stream(started)))

@@ -1,0 +1,59 @@
+"""Conversation and message history routes. Thin: parse, call, serialise."""
+from __future__ import annotations
+
+import uuid
+
+from flask import g
+
+from ..db.extensions import db
+from ..schemas import (
+    ConversationPageSchema,
+    ConversationPatchSchema,
+    ConversationSchema,
+    MessagePageQuerySchema,
+    MessagePageSchema,
+    PageQuerySchema,
+)
+from ..services import conversations
+from .bodies import json_body, query_args
+from .guards import user_blueprint
+
+bp = user_blueprint("conversations", __name__)
+
+conversation_schema = ConversationSchema()
+conversation_page_schema = ConversationPageSchema()
+message_page_schema = MessagePageSchema()
+
+
+@bp.get("/conversations")
+def list_conversations():
+    """The user's conversations, most recently updated first."""
+    args = query_args(PageQuerySchema())
+    page, next_cursor = conversations.list_conversations(db.session, g.user_id, args["limit"], args["cursor"])
+    return conversation_page_schema.dump({"data": page, "next_cursor": next_cursor})
+
+
+@bp.get("/conversations/<uuid:conversation_id>")
+def get_conversation(conversation_id: uuid.UUID):
+    return conversation_schema.dump(conversations.get_conversation(db.session, g.user_id, conversation_id))
+
+
+@bp.patch("/conversations/<uuid:conversation_id>")
+def rename_conversation(conversation_id: uuid.UUID):
+    title = json_body(ConversationPatchSchema())["title"]
+    return conversation_schema.dump(conversations.rename_conversation(db.session, g.user_id, conversation_id, title))
+
+
+@bp.delete("/conversations/<uuid:conversation_id>")
+def delete_conversation(conversation_id: uuid.UUID):
+    conversations.delete_conversation(db.session, g.user_id, conversation_id)
+    return "", 204
+
+
+@bp.get("/conversations/<uuid:conversation_id>/messages")
+def list_messages(conversation_id: uuid.UUID):
+    """A page of the conversation's messages, oldest first unless order=desc."""
+    args = query_args(MessagePageQuerySchema())
+    page, next_cursor = conversations.list_messages(db.session, g.user_id, conversation_id, args["limit"],
+                                              args["cursor"], args["order"])
+    return message_page_schema.dump({"data": page, "next_cursor": next_cursor})

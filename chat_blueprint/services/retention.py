@@ -1,0 +1,40 @@
+"""Retention: expired idempotency keys and idle rate-limit rows, across users,
+through the SECURITY DEFINER functions of policies/prune.sql (run as the
+owner, or a role it granted EXECUTE; the app role cannot call them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+PRUNE_KEYS = text("SELECT prune_idempotency_keys(:ttl_s, :batch_size)")
+PRUNE_RATE_LIMITS = tuple(text(f"SELECT deleted, last_user_id FROM {function}(:after, :batch_size)")
+                          for function in ("prune_chat_rate_limits", "prune_write_rate_limits"))
+
+
+@dataclass(frozen=True)
+class Pruned:
+    idempotency_keys: int
+    rate_limits: int
+
+
+def prune(engine: Engine, ttl_s: int, batch_size: int) -> Pruned:
+    """Delete idempotency keys older than `ttl_s` and rate-limit rows that no
+    longer limit anything, `batch_size` rows per transaction, so no lock or
+    transaction grows with the tables. Needs a role that may execute the
+    prune functions (the owner, or one it granted EXECUTE to)."""
+    keys = rate_limits = 0
+    with engine.connect() as connection:
+        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        while True:
+            deleted = connection.scalar(PRUNE_KEYS, {"ttl_s": ttl_s, "batch_size": batch_size})
+            keys += deleted
+            if deleted < batch_size:
+                break
+        for prune_rate_limits in PRUNE_RATE_LIMITS:
+            after = ""
+            while after is not None:
+                deleted, after = connection.execute(prune_rate_limits, {"after": after, "batch_size": batch_size}).one()
+                rate_limits += deleted
+    return Pruned(keys, rate_limits)
