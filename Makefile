@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 .PHONY: run token test test-deps install postgres bench fuzz clean
 
 run: install postgres
-	@$(PY) -m chat_blueprint.devcluster run
+	@$(PY) -m devtools run
 
 # `make token USER=alice` prints export lines with a token for alice, signed
 # with the secret `make run` uses. USER given on the command line only (the
@@ -15,7 +15,7 @@ run: install postgres
 TOKEN_USER := $(if $(filter command line,$(origin USER)),$(USER),dev-user)
 
 token: install
-	@$(PY) -m chat_blueprint.devcluster token '$(TOKEN_USER)'
+	@$(PY) -m devtools token '$(TOKEN_USER)'
 
 test: install postgres test-deps ai-sdk
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 postgres: install
-	@$(PY) -m chat_blueprint.devcluster install >/dev/null
+	@$(PY) -m devtools install >/dev/null
 
 # The deployment tests start nginx and PgBouncer from the distribution's
 # packages, the /docs and CORS tests drive its Chromium (through Playwright,
@@ -68,7 +68,7 @@ clean:
 bench: install postgres
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; } || { echo "wrk not found: install the distribution's wrk package"; exit 1; }
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) bench/run.py
+	$(PY) -m bench.run
 
 # Fuzzing from the OpenAPI document with many more cases than `make test`
 # runs: FUZZ_EXAMPLES per operation and generation mode, on a fresh seed each

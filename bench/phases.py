@@ -1,0 +1,255 @@
+"""The phases. Each takes what it needs as arguments and returns its figures,
+with the CPU of each process group under "cpu"; PHASES lists them in the
+order they run."""
+from __future__ import annotations
+
+import subprocess
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.measure import ConnectionWatcher, Cpu, Peak, rss_mb
+from bench.settings import (
+    BASELINE,
+    BASELINE_ASSISTANT,
+    CONCURRENCIES,
+    HEALTHZ_PROBES,
+    IN_FLIGHT,
+    IN_FLIGHT_ASSISTANT_S,
+    NORLS_DATABASE,
+    RLS_CONCURRENCY,
+    RLS_ROUNDS,
+    ROOT,
+    RUNTIMES,
+    SAME_RUNTIME,
+    SECONDS,
+    SLOW_ASSISTANT_S,
+    SLOW_CLIENTS,
+    STREAM_CHUNKS,
+    STREAM_INTERVAL_S,
+    TRICKLING_CLIENTS,
+    log,
+)
+from bench.tools import gunicorn, load, openai_env, pgbench, slow_upstream, turns_spec, wrk
+from devtools.cluster import APP_ROLE, DATABASE, SUPERUSER, Cluster
+from devtools.server import Server
+
+
+@dataclass
+class Bench:
+    """What every phase is given: the seeded cluster, a scratch directory, the
+    conversations to post to, and the conversations of the history phase."""
+
+    cluster: Cluster
+    work: Path
+    targets: list[tuple[str, str]]
+    histories: dict
+
+    @property
+    def app_url(self) -> str:
+        return self.cluster.url(APP_ROLE)
+
+    @property
+    def superuser_url(self) -> str:
+        return self.cluster.url(SUPERUSER, DATABASE)
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["per_s"])[len(runs) // 2]
+
+
+def warmup(bench: Bench, server: Server, name: str) -> None:
+    """A few seconds of wrk at 16 clients before anything is measured."""
+    wrk(server.url, bench.work, name, bench.targets, 16, seconds=min(SECONDS, 5))
+
+
+def alternate(bench: Bench, servers: dict[str, Server], cpus: dict[str, Cpu], connections: int,
+              suffix: str = "") -> dict[str, list[dict]]:
+    """Each server warmed up, then wrk at `connections` clients in RLS_ROUNDS
+    rounds of one run of each (A B A B A B), so that the machine's drift hits
+    all alike; each run measured with its server's Cpu."""
+    for name, server in servers.items():
+        warmup(bench, server, f"warmup-{name}{suffix}")
+    runs = {name: [] for name in servers}
+    for round_ in range(RLS_ROUNDS):
+        for name, server in servers.items():
+            with cpus[name].measure(servers=[server]):
+                runs[name].append(wrk(server.url, bench.work, f"{name}{suffix}-{round_}", bench.targets,
+                                      connections, seconds=SECONDS / 2))
+    return runs
+
+
+def ceiling(bench: Bench) -> dict:
+    """pgbench runs the app's turn SQL as the app role: what the database alone can do."""
+    cpu = Cpu(bench.cluster)
+    found = {}
+    for clients in (16, 64):
+        with cpu.measure():
+            found[clients] = pgbench(bench.cluster, bench.work, clients)
+        log(f"ceiling: c={clients} {found[clients]:.0f} turns/s")
+    return {"tps": found, "cpu": cpu.report()}
+
+
+def app(bench: Bench, concurrencies: list[int]) -> dict:
+    """wrk posts turns with the builtin assistant at each concurrency."""
+    cpu = Cpu(bench.cluster)
+    with gunicorn(bench.app_url, bench.work, "app") as server:
+        warmup(bench, server, "warmup")
+        runs = []
+        for clients in concurrencies:
+            with cpu.measure(servers=[server]):
+                runs.append(wrk(server.url, bench.work, f"app-c{clients}", bench.targets, clients))
+    return {"runs": runs, "cpu": cpu.report()}
+
+
+def history(bench: Bench) -> dict:
+    """One client, so no turn waits on another's row lock: the latency is the
+    turn's own. The same number of conversations of each kind, so each
+    conversation row is as hot in both; the short ones get a few dozen turns
+    in the run, far fewer than the long ones' 10,000 messages."""
+    cpu = Cpu(bench.cluster)
+    with gunicorn(bench.app_url, bench.work, "history") as server:
+        warmup(bench, server, "warmup-history")
+        runs = {}
+        for kind in ("short", "long"):
+            with cpu.measure(servers=[server]):
+                runs[kind] = wrk(server.url, bench.work, f"history-{kind}", bench.histories[kind], 1,
+                                 seconds=SECONDS / 2)
+    return {**runs, "cpu": cpu.report()}
+
+
+def rls(bench: Bench, connections: int) -> dict:
+    """The cost of the policies: the same turn SQL with pgbench, then the app at
+    `connections` clients, against an identical copy whose policies admit every
+    row. Measured in turns, A B A B A B, so that the machine's drift hits both
+    alike; the ratios are of the medians."""
+    cpu = Cpu(bench.cluster)
+    database = {"with": [], "without": []}
+    for _ in range(RLS_ROUNDS):
+        with cpu.measure():
+            database["with"].append(pgbench(bench.cluster, bench.work, 16, seconds=SECONDS / 2))
+            database["without"].append(pgbench(bench.cluster, bench.work, 16, NORLS_DATABASE, seconds=SECONDS / 2))
+    database = {name: sorted(found)[len(found) // 2] for name, found in database.items()}
+    log(f"rls: database alone {database['with']:.0f} with, {database['without']:.0f} without (turns/s, medians)")
+    with gunicorn(bench.app_url, bench.work, "rls-with") as with_rls, \
+            gunicorn(bench.cluster.url(APP_ROLE, NORLS_DATABASE), bench.work, "rls-without") as without_rls:
+        runs = alternate(bench, {"with": with_rls, "without": without_rls}, {"with": cpu, "without": cpu},
+                         connections, suffix="-rls")
+    return {"database": database, **{name: median_run(found) for name, found in runs.items()},
+            "connections": connections, "cpu": cpu.report()}
+
+
+def baseline(bench: Bench, revision: str) -> dict:
+    """The app at `revision` (a git worktree) against the app as it is, on the
+    same database and runtime, measured in turns (A B A B A B) at 16 clients;
+    with each server's CPU per turn over its own runs."""
+    log(f"baseline: {revision} against the working tree, {BASELINE_ASSISTANT} assistant")
+    tree = bench.work / "baseline"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
+                   capture_output=True)
+    cpu = {"before": Cpu(bench.cluster), "after": Cpu(bench.cluster)}
+    try:
+        with ExitStack() as stack:
+            env = dict(SAME_RUNTIME)
+            if BASELINE_ASSISTANT == "openai":
+                _, base_url = stack.enter_context(slow_upstream(0.0))
+                env.update(openai_env(base_url))
+            before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", root=tree,
+                                                  PYTHONPATH=str(tree), **env))
+            after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
+            runs = alternate(bench, {"before": before, "after": after}, cpu, 16)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    result = {"revision": revision, "cpu": {}}
+    for name in ("before", "after"):
+        turns = sum(run["requests"] for run in runs[name])
+        report = cpu[name].report()
+        result[name] = {**median_run(runs[name]), "cpu_ms_per_turn": round(1000 * report["server"] / turns, 3)}
+        result["cpu"][name] = report
+        log(f"baseline {name}: server CPU {result[name]['cpu_ms_per_turn']:.2f} ms per turn")
+    return result
+
+
+def slow(bench: Bench, runtime: str) -> dict:
+    """wrk keeps SLOW_CLIENTS turns in flight against an assistant answering after SLOW_ASSISTANT_S."""
+    cpu = Cpu(bench.cluster)
+    with slow_upstream(SLOW_ASSISTANT_S) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            as server:
+        warmup(bench, server, f"warmup-slow-{runtime}")
+        with ConnectionWatcher(bench.superuser_url) as watcher, cpu.measure(servers=[server], upstreams=[upstream]):
+            run = wrk(server.url, bench.work, f"slow-{runtime}", bench.targets, SLOW_CLIENTS,
+                      seconds=max(SECONDS, 5))
+    log(f"slow [{runtime}]: most app-role connections open {watcher.max_open}, busy {watcher.max_active}")
+    return {**run, "max_db_connections": watcher.max_open, "max_active_db_connections": watcher.max_active,
+            "cpu": cpu.report()}
+
+
+def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args: dict) -> dict:
+    """IN_FLIGHT turns in flight at once (each client posting one after
+    another, a connection per turn), each on a conversation of its own so
+    none waits on another's row lock; with the most app-role connections and
+    the most memory of all gunicorn processes seen meanwhile."""
+    cpu = Cpu(bench.cluster)
+    targets = bench.targets[:IN_FLIGHT]
+    with slow_upstream(**upstream_args) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            as server:
+        load(bench.work, f"warmup-{name}", turns_spec(server, targets, 32, 0, stream))
+        with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
+                cpu.measure(servers=[server], upstreams=[upstream]):
+            run = load(bench.work, f"{name}-{runtime}",
+                       turns_spec(server, targets, IN_FLIGHT, max(SECONDS, 10), stream))
+    run.update(max_db_connections=watcher.max_open, max_active_db_connections=watcher.max_active,
+               max_rss_mb=round(memory.peak, 1), cpu=cpu.report())
+    log(f"{name} [{runtime}]: {run['per_s']:.0f} turns/s, p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms"
+        + (f", first delta p99 {run['first_delta_p99_ms']} ms" if stream else "")
+        + f", {run['max_db_connections']} connections, {run['max_rss_mb']:.0f} MB"
+        + ("" if run["ok"] == run["requests"] else f"; failed {run['requests'] - run['ok']}: {run['errors']}"))
+    return run
+
+
+def inflight(bench: Bench, runtime: str) -> dict:
+    """Blocking turns against an assistant answering after IN_FLIGHT_ASSISTANT_S."""
+    return in_flight(bench, runtime, "inflight", False, {"delay_s": IN_FLIGHT_ASSISTANT_S})
+
+
+def stream(bench: Bench, runtime: str) -> dict:
+    """Streaming turns (`"stream": true`) against an assistant streaming
+    STREAM_CHUNKS deltas STREAM_INTERVAL_S apart."""
+    return in_flight(bench, runtime, "stream", True, {"chunks": STREAM_CHUNKS, "interval_s": STREAM_INTERVAL_S})
+
+
+def slowclients(bench: Bench, runtime: str) -> dict:
+    """TRICKLING_CLIENTS connections send a turn's body byte by byte while
+    HEALTHZ_PROBES GETs of /healthz, one after another, time the server."""
+    cpu = Cpu(bench.cluster)
+    with gunicorn(bench.app_url, bench.work, f"slowclients-{runtime}", **RUNTIMES[runtime]) as server, \
+            cpu.measure(servers=[server]):
+        spec = {**turns_spec(server, bench.targets[:TRICKLING_CLIENTS], TRICKLING_CLIENTS, 0), "mode": "trickle",
+                "trickle_s": max(SECONDS, 8), "probes": HEALTHZ_PROBES}
+        run = load(bench.work, f"slowclients-{runtime}", spec)
+    log(f"slowclients [{runtime}]: slowest /healthz {run['healthz_max_ms']} ms (p50 {run['healthz_p50_ms']} ms), "
+        f"trickled turns {run['trickle_statuses']}")
+    return {**run, "cpu": cpu.report()}
+
+
+def best_concurrency(app_result: dict | None) -> int:
+    if not app_result:
+        return RLS_CONCURRENCY
+    return max(app_result["runs"], key=lambda run: run["per_s"])["connections"]
+
+
+RUNTIME_PHASES = ("slow", "inflight", "stream", "slowclients")
+# Every phase in the order they run, with what each is given.
+PHASES = {
+    "ceiling": lambda bench, done, runtime: ceiling(bench),
+    "app": lambda bench, done, runtime: app(bench, CONCURRENCIES),
+    "history": lambda bench, done, runtime: history(bench),
+    "rls": lambda bench, done, runtime: rls(bench, best_concurrency(done.get("app"))),
+    "baseline": lambda bench, done, runtime: baseline(bench, BASELINE),
+    "slow": lambda bench, done, runtime: slow(bench, runtime),
+    "inflight": lambda bench, done, runtime: inflight(bench, runtime),
+    "stream": lambda bench, done, runtime: stream(bench, runtime),
+    "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
+}
