@@ -147,6 +147,10 @@ def pgbench_script() -> str:
         "model": "'builtin'",
         "finish_reason": "'stop'",
         "usage": "NULL::jsonb",
+        # The write-limit step the app takes in the same statement, at 6,000/minute so that
+        # pgbench's 10+ turns/s per user are all admitted, as the app's are
+        "interval": "interval '0.01 seconds'",
+        "period": "interval '60 seconds'",
     }
 
     def statement(sql: str) -> str:

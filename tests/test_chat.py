@@ -167,13 +167,15 @@ def test_a_turn_runs_a_constant_number_of_statements(client, alice, app_url, mon
         counts.append(len(sent))
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "new conversation").status_code == 200
-    # Each count includes the 4 statements of the WRITE_RATE_LIMIT step (bind,
-    # no flush wait, step, its Retry-After), sent in one round trip of their own.
-    assert counts[0] == counts[1] == counts[2] == 4 + 5, counts
-    assert len(sent) == 4 + 4
+    # The WRITE_RATE_LIMIT step is part of the statement that stores the user
+    # message: bind, store, window (one round trip), bind, store the reply (one).
+    assert counts[0] == counts[1] == counts[2] == 5, counts
+    assert len(sent) == 4
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "with a key", short, key="count-key").status_code == 200
-    assert len(sent) == 4 + 6
+    # With a key the step goes out with the binding (bind, step, its Retry-After),
+    # then the claim, the message and its window; then bind and the reply.
+    assert len(sent) == 3 + 5, sent
 
 
 @pytest.mark.parametrize("method, suffix, body", [

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 
 from ..assistants import Assistant, HistoryMessage, Reply
 from ..db import tenancy
-from ..errors import DATABASE_ERRORS, database_failure
+from ..errors import DATABASE_ERRORS, ApiError, database_failure
 from ..schemas import TITLE_PREVIEW_CHARS
 from . import idempotency, rate_limit
 from .asking import Asking, AssistantFailed
@@ -47,19 +47,20 @@ from .idempotency import IdempotencyClaim, KeyState
 from .rate_limit import RateLimit
 from .storable import UNSTORABLE, storable
 from .turn_relay import TurnStream
-from .turn_sql import (
-    HISTORY_WINDOW,
-    LATEST_WINDOW,
-    STORE_IN_CONVERSATION,
-    STORE_IN_NEW_CONVERSATION,
-    STORE_REPLY,
-    STORED_REPLY,
-    USER_MESSAGE_TURN,
-)
+from .turn_sql import HISTORY_WINDOW, LATEST_WINDOW, STORE_REPLY, STORED_REPLY, USER_MESSAGE_TURN, store_user_message
 
 log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
+# A new turn is refused (503, before anything is stored) while some request of
+# this process has waited for a pooled connection for more than this share of
+# DATABASE_POOL_TIMEOUT_S: the pool (or the CPU behind it) is the bottleneck
+# then, and queueing more only makes every turn late, and then a 503 anyway.
+ADMISSION_WAIT_SHARE = 0.1
+# A reply this large is stored without a pipeline (see tenancy.transaction).
+PIPELINED_REPLY_MAX_CHARS = 256 * 1024
+# The statement that stores a user message, by (new conversation?, with the write-limit step?).
+STORE = {(new, step): store_user_message(new, step) for new in (False, True) for step in (False, True)}
 # Answers stored under a key before replies carried the model's report.
 ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
 
@@ -97,6 +98,11 @@ class Replay:
         object.__setattr__(self, "response", {**ANSWER_DEFAULTS, **self.response})
 
 
+def message_chars(content: str, tool_calls: list) -> int:
+    """A message's size as the window and the storage count it: its text and its tool calls' JSON."""
+    return len(content) + (len(json.dumps(tool_calls)) if tool_calls else 0)
+
+
 def _window(rows, max_chars: int) -> list[HistoryMessage]:
     """The window, oldest first, from its rows newest first (the user message being
     answered is the first): that message always, whole; then older ones for as long
@@ -104,7 +110,7 @@ def _window(rows, max_chars: int) -> list[HistoryMessage]:
     that does not fit. A sum over rows the query returned anyway, no extra query."""
     window, size = [], 0
     for role, content, tool_calls in rows:
-        size += len(content) + (len(json.dumps(tool_calls)) if tool_calls else 0)
+        size += message_chars(content, tool_calls)
         if window and size > max_chars:
             break
         window.append(HistoryMessage(role, content, tool_calls))
@@ -112,13 +118,23 @@ def _window(rows, max_chars: int) -> list[HistoryMessage]:
     return window
 
 
+class Busy(ApiError):
+    """Requests of this process wait too long for a database connection: a new
+    turn is refused before it stores anything, and a retry after a second is
+    likely to get in."""
+
+    def __init__(self):
+        super().__init__(503, "server_busy", "the server is busy; retry shortly", headers={"Retry-After": "1"})
+
+
 class Turns:
     """The turn service for one assistant backend on one engine."""
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
                  history_max_chars: int, stale_after_s: float, idempotency_ttl_s: int, keepalive_s: float,
-                 rate_limit: RateLimit | None = None):
+                 admission_wait_s: float, rate_limit: RateLimit | None = None):
         self.engine = engine
+        self.admission_wait_s = admission_wait_s
         self.asking = Asking(assistant, backend)
         self.history_limit = history_limit
         self.history_max_chars = history_max_chars
@@ -133,7 +149,8 @@ class Turns:
                    stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S,
                    idempotency_ttl_s=settings.idempotency_ttl_s,
                    rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
-                   keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars)
+                   keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars,
+                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s)
 
     def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
                 key: str | None = None) -> TurnRequest:
@@ -167,9 +184,14 @@ class Turns:
         """Store the user message and read the window, in one transaction.
 
         A replay or the resumption of a stored message does not count against
-        the rate limit; a new message does, and over the limit nothing is
-        stored (429).
+        the chat rate limit; a new message does, and over the limit nothing is
+        stored (429). The request's write-limit step goes into the statement
+        that stores the message (without a key) or out with the binding (with
+        one): over WRITE_RATE_LIMIT nothing is stored either.
         """
+        if tenancy.queue_age_s(self.engine) > self.admission_wait_s:
+            raise Busy()
+        due = rate_limit.take_due_write() if request.claim is None else None
         with tenancy.transaction(self.engine, request.user_id) as connection:
             if request.claim is not None:
                 outcome = idempotency.claim(connection, request.user_id, request.claim)
@@ -181,35 +203,41 @@ class Turns:
             limited = None
             if self.rate_limit is not None:
                 limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
-            return self._store_user_message(connection, request, limited)
+            return self._store_user_message(connection, request, due, limited)
 
-    def _store_user_message(self, connection, request: TurnRequest,
-                            limited: rate_limit.PendingTake | None = None) -> PendingTurn:
-        """Store the message; with a rate limit, its step went out first in the
-        same transaction, and a 429 or a 404 rolls both back, so a turn into
-        an unknown conversation is not counted."""
+    def _store_user_message(self, connection, request: TurnRequest, due: rate_limit.DueWrite | None,
+                            limited: rate_limit.PendingTake | None) -> PendingTurn:
+        """Store the message; with a chat rate limit, its step went out first in
+        the same transaction, and a 429 or a 404 rolls both back, so a turn
+        into an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
-                  "limit": self.history_limit}
+                  "limit": self.history_limit, **(due.limit.params if due is not None else {})}
         stored, window = connection.cursor(), connection.cursor()
-        if request.conversation_id is None:
-            stored.execute(STORE_IN_NEW_CONVERSATION, params)
-        else:
-            stored.execute(STORE_IN_CONVERSATION, params)
+        stored.execute(STORE[request.conversation_id is None, due is not None], params)
+        if request.conversation_id is not None:
             window.execute(LATEST_WINDOW, params)
-        if request.claim is None and limited is None:
-            # Nothing to undo if the conversation is unknown: send it all in one round trip.
+        sent = request.claim is None and limited is None
+        if sent:
+            # Nothing to undo if the write is refused or the conversation unknown
+            # (neither stores anything): send it all in one round trip.
             connection.commit()
-        if limited is not None:
-            limited.check()  # 429: the message goes with the rollback
-        row = stored.fetchone()
-        if row is None:
-            raise ConversationNotFound()  # rolls back the claim and the rate-limit step
+        try:
+            if limited is not None:
+                limited.check()  # 429: the message goes with the rollback
+            admitted, retry_after_s, conversation_id, user_message_id, turn = stored.fetchone()
+            if not admitted:
+                raise rate_limit.RateLimited(retry_after_s, rate_limit.WRITES.what)
+            if user_message_id is None:
+                raise ConversationNotFound()  # rolls back the claim and the rate-limit steps
+        except ApiError:
+            if due is not None and not sent:
+                due.taken = False  # its step goes with the rollback: counted as the request ends
+            raise
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
             history = _window(window.fetchall(), self.history_max_chars)
-        conversation_id, user_message_id, turn = row
         return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
                            request.claim and request.claim.key)
 
@@ -264,7 +292,7 @@ class Turns:
         return stored
 
     def _stored_reply(self, pending: PendingTurn) -> dict | None:
-        with tenancy.transaction(self.engine, pending.user_id) as connection:
+        with tenancy.transaction(self.engine, pending.user_id, patience_s=self.stale_after_s) as connection:
             found = connection.cursor()
             found.execute(STORED_REPLY, {"conversation_id": pending.conversation_id,
                                          "reply_to": pending.user_message_id, "user_id": pending.user_id})
@@ -287,7 +315,10 @@ class Turns:
             "finish_reason": reply.finish_reason,
             "usage": reply.usage,
         }
-        with tenancy.transaction(self.engine, pending.user_id) as connection:
+        # The reply is paid for: wait for a connection as long as its key stays
+        # ours, rather than the pool's timeout of a request that could be retried.
+        with tenancy.transaction(self.engine, pending.user_id, patience_s=self.stale_after_s,
+                                 pipeline=message_chars(reply.text, reply.tool_calls) <= PIPELINED_REPLY_MAX_CHARS) as connection:
             stored = connection.cursor()
             stored.execute(STORE_REPLY, {
                 "user_id": pending.user_id, "conversation_id": pending.conversation_id, "content": reply.text,
