@@ -17,6 +17,7 @@ from bench.settings import (
     IN_FLIGHT,
     IN_FLIGHT_ASSISTANT_S,
     NORLS_DATABASE,
+    OVERLOAD_CLIENTS,
     RLS_CONCURRENCY,
     RLS_ROUNDS,
     ROOT,
@@ -220,6 +221,30 @@ def stream(bench: Bench, runtime: str) -> dict:
     return in_flight(bench, runtime, "stream", True, {"chunks": STREAM_CHUNKS, "interval_s": STREAM_INTERVAL_S})
 
 
+def overload(bench: Bench, runtime: str) -> dict:
+    """OVERLOAD_CLIENTS blocking turns against one instance, three times what it
+    must hold, with an assistant answering after IN_FLIGHT_ASSISTANT_S: each is
+    answered, or refused (503 server_busy, Retry-After) and posted again after
+    that wait. The server's log says how many turns failed after their user
+    message was stored ("chat turn unanswered"): the goal is none."""
+    cpu = Cpu(bench.cluster)
+    with slow_upstream(delay_s=IN_FLIGHT_ASSISTANT_S) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, f"overload-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            as server:
+        load(bench.work, "warmup-overload", turns_spec(server, bench.targets, 32, 0))
+        with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
+                cpu.measure(servers=[server], upstreams=[upstream]):
+            spec = {**turns_spec(server, bench.targets, OVERLOAD_CLIENTS, max(SECONDS, 10)), "mode": "overload"}
+            run = load(bench.work, f"overload-{runtime}", spec)
+        unanswered = server.output().count("chat turn unanswered")
+    run.update(unanswered_after_begin=unanswered, max_db_connections=watcher.max_open,
+               max_rss_mb=round(memory.peak, 1), cpu=cpu.report())
+    log(f"overload [{runtime}]: {run['per_s']:.0f} turns/s (p99 {run['p99_ms']} ms), refused {run['refused']} "
+        f"(p99 {run['refused_p99_ms']} ms), failed {run['requests'] - run['ok']} {run['failed_codes']}, "
+        f"unanswered after begin {unanswered}, /healthz p99 {run['healthz_p99_ms']} ms (max {run['healthz_max_ms']})")
+    return run
+
+
 def slowclients(bench: Bench, runtime: str) -> dict:
     """TRICKLING_CLIENTS connections send a turn's body byte by byte while
     HEALTHZ_PROBES GETs of /healthz, one after another, time the server."""
@@ -240,7 +265,7 @@ def best_concurrency(app_result: dict | None) -> int:
     return max(app_result["runs"], key=lambda run: run["per_s"])["connections"]
 
 
-RUNTIME_PHASES = ("slow", "inflight", "stream", "slowclients")
+RUNTIME_PHASES = ("slow", "inflight", "stream", "overload", "slowclients")
 # Every phase in the order they run, with what each is given.
 PHASES = {
     "ceiling": lambda bench, done, runtime: ceiling(bench),
@@ -251,5 +276,6 @@ PHASES = {
     "slow": lambda bench, done, runtime: slow(bench, runtime),
     "inflight": lambda bench, done, runtime: inflight(bench, runtime),
     "stream": lambda bench, done, runtime: stream(bench, runtime),
+    "overload": lambda bench, done, runtime: overload(bench, runtime),
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
 }

@@ -18,6 +18,7 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   slow *       ASSISTANT=openai against a local server answering after 1.0 s, 200 clients (wrk)
   inflight *   1,000 blocking turns in flight against a server answering after 5 s
   stream *     1,000 streaming turns in flight against a server streaming 20 chunks 0.25 s apart
+  overload *   3,000 blocking turns against one instance (3x what it holds); refused ones retry after Retry-After
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
 
 The phases marked * depend on the runtime: they run once per runtime of
@@ -140,6 +141,11 @@ def summarize(results: dict) -> dict:
                 for figure in figures:
                     summary[f"{prefix}{name}_{figure}"] = found[figure]
                 summary[f"{prefix}{name}_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
+        if (found := results.get(key("overload", runtime))) is not None:
+            for figure in ("per_s", "p99_ms", "refused", "refused_p99_ms", "unanswered_after_begin",
+                           "healthz_p99_ms", "healthz_max_ms", "max_db_connections", "max_rss_mb"):
+                summary[f"{prefix}overload_{figure}"] = found[figure]
+            summary[f"{prefix}overload_failed"] = failures(found)
         if (found := results.get(key("slowclients", runtime))) is not None:
             summary[prefix + "slowclients_healthz_ms"] = found["healthz_max_ms"]
     return summary

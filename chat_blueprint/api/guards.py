@@ -92,8 +92,10 @@ def count_write():
 
 def count_unsent_write(response):
     """A write refused before it reached the database (400, 415, 422) still
-    counts: in a transaction of its own, and over the limit its answer is the 429."""
-    if "due_write_token" in g:
+    counts: in a transaction of its own, and over the limit its answer is the
+    429. One the server could not serve (5xx: the database, the pool, the
+    assistant) is not counted, and does not wait for a connection to say so."""
+    if "due_write_token" in g and response.status_code < 500:
         try:
             rate_limit.take_write_if_due(db.engine)
         except rate_limit.RateLimited as limited:
