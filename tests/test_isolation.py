@@ -210,6 +210,29 @@ def test_a_role_that_can_become_a_dangerous_one_is_refused_at_start_up_and_in_re
     assert expected_refusal(role, membership) in ready.get_json()["error"]["message"]
 
 
+def test_a_role_made_in_neons_console_is_refused_as_docs_operations_shows(cluster, superuser_url):
+    """Neon's shape: the Console's roles are members of `neon_superuser` (BYPASSRLS,
+    CREATEROLE, CREATEDB), itself a member of pg_read_all_data, pg_write_all_data
+    and pg_monitor. The line is the one docs/operations.md quotes (role names aside)."""
+    neon = f"neon_superuser_{uuid.uuid4().hex[:8]}"
+    as_superuser(superuser_url, sql.SQL("CREATE ROLE {} NOLOGIN BYPASSRLS CREATEROLE CREATEDB").format(
+        sql.Identifier(neon)))
+    try:
+        for predefined in ("pg_read_all_data", "pg_write_all_data", "pg_monitor"):
+            grant(superuser_url, predefined, neon)
+        with serving_role(cluster, superuser_url) as (role, url):
+            grant(superuser_url, neon, role)
+            checked = startup_check(url)
+    finally:
+        as_superuser(superuser_url, sql.SQL("DROP ROLE {}").format(sql.Identifier(neon)))
+    assert checked.returncode == 1
+    assert checked.stderr.strip() == (
+        f"refusing to serve: database role '{role}' is a member of role '{neon}' ({role} -> {neon}), which has"
+        f" BYPASSRLS; database role '{role}' is a member of role 'pg_read_all_data' ({role} -> {neon} ->"
+        f" pg_read_all_data), which may read every table; database role '{role}' is a member of role"
+        f" 'pg_write_all_data' ({role} -> {neon} -> pg_write_all_data), which may write every table")
+
+
 def test_gunicorn_refuses_a_member_of_a_superuser_group_two_levels_up(cluster, superuser_url):
     with serving_role(cluster, superuser_url) as (role, url), \
             groups(superuser_url, MEMBERSHIPS["two-levels"]) as membership:
