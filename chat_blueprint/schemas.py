@@ -10,6 +10,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 
 from .config import DEFAULT_MESSAGE_MAX_CHARS
 
+REPLY_STATUSES = ("streaming", "complete", "stopped", "interrupted")
+
 TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
 TITLE_PREVIEW_CHARS = 80
@@ -162,6 +164,8 @@ class ChatResponseSchema(ModelReportSchema):
     tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
     user_message_id = fields.Integer(required=True)
     assistant_message_id = fields.Integer(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(("complete", "stopped")),
+                           metadata={"description": "stopped: the conversation's stop route ended the reply early"})
 
 
 class ConversationSchema(Schema):
@@ -183,11 +187,16 @@ class ConversationPageSchema(Schema):
 
 class MessageSchema(ModelReportSchema):
     id = fields.Integer(required=True)
+    ui_id = fields.String(required=True, metadata={"description": "the id a chat UI keys the message by"})
     role = fields.String(required=True, validate=validate.OneOf(("user", "assistant")))
+    status = fields.String(required=True, attribute="current_status", validate=validate.OneOf(REPLY_STATUSES),
+                           metadata={"description": "a reply: streaming (content: the text so far), complete, "
+                                                    "stopped or interrupted; a user message: complete"})
     content = fields.String(required=True)
     tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
     reply_to = fields.Integer(required=True, allow_none=True)
     created_at = UtcDateTime(required=True)
+    superseded_at = UtcDateTime(required=True, allow_none=True)
 
 
 class MessagePageSchema(Schema):
@@ -216,6 +225,8 @@ class MessagePageQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
     cursor = _cursor()
     order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))
+    include = fields.String(load_default=None, validate=validate.OneOf(("superseded",)),
+                            metadata={"description": "superseded: also the messages a newer one replaced"})
 
 
 # The user's data

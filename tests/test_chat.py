@@ -70,7 +70,7 @@ def test_new_conversation_stores_both_messages(client, alice, app_url):
     assert response.status_code == 200
     answer = response.get_json()
     assert set(answer) == {"conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id",
-                           "model", "finish_reason", "usage"}
+                           "model", "finish_reason", "usage", "status"}
     assert (answer["model"], answer["finish_reason"], answer["usage"]) == ("builtin", "stop", None)
     assert "turn 1" in answer["response"] and answer["tool_calls"] == []
     rows = stored_messages(app_url, alice.id, answer["conversation_id"])

@@ -1,11 +1,14 @@
 """The chat route: one turn, blocking or streamed. Thin: parse, call, deliver."""
 from __future__ import annotations
 
+import uuid
+
 from flask import current_app, g, request
 
 from ..db.extensions import db
 from ..errors import invalid_fields
 from ..schemas import ChatRequestSchema
+from ..services import resume as resume_service
 from ..services.turns import Replay, Turns
 from . import ui_stream
 from .bodies import json_body
@@ -52,3 +55,16 @@ def chat():
     if isinstance(started, Replay):
         return ui_stream.response(ui_stream.replay_events(started))
     return ui_stream.response(ui_stream.turn_events(turns.stream(started)))
+
+
+@bp.get("/chat/<uuid:conversation_id>/stream")
+def resume(conversation_id: uuid.UUID):
+    """The conversation's reply being produced, as the stream its turn sends,
+    from its start and then live, whichever instance produces it (where the AI
+    SDK's transport reconnects, `useChat({ resume: true })`); 204 when no
+    reply is being produced, also for a conversation the user does not have."""
+    settings = current_app.config["SETTINGS"]
+    following = resume_service.follow(db.engine, g.user_id, conversation_id, settings.stream_flush_s)
+    if following is None:
+        return "", 204
+    return ui_stream.response(ui_stream.resumed_events(following, settings.stream_keepalive_s))

@@ -44,6 +44,16 @@ def rename_conversation(conversation_id: uuid.UUID):
     return conversation_schema.dump(conversations.rename_conversation(db.session, g.user_id, conversation_id, title))
 
 
+@bp.post("/conversations/<uuid:conversation_id>/stop")
+def stop(conversation_id: uuid.UUID):
+    """Stop the reply the conversation is producing, whichever instance produces
+    it: within CHAT_STREAM_FLUSH_S and a round trip its call to the assistant
+    is closed, the reply keeps the text produced so far (`stopped`), and every
+    stream of it ends with `abort`."""
+    stopped = conversations.stop(db.session, g.user_id, conversation_id)
+    return {"stopped": stopped is not None, "assistant_message_id": stopped}
+
+
 @bp.delete("/conversations/<uuid:conversation_id>")
 def delete_conversation(conversation_id: uuid.UUID):
     conversations.delete_conversation(db.session, g.user_id, conversation_id)
@@ -55,5 +65,6 @@ def list_messages(conversation_id: uuid.UUID):
     """A page of the conversation's messages, oldest first unless order=desc."""
     args = query_args(MessagePageQuerySchema())
     page, next_cursor = conversations.list_messages(db.session, g.user_id, conversation_id, args["limit"],
-                                              args["cursor"], args["order"])
+                                                    args["cursor"], args["order"],
+                                                    superseded=args["include"] == "superseded")
     return message_page_schema.dump({"data": page, "next_cursor": next_cursor})

@@ -18,10 +18,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, column_property, mapped_column
 
 from .extensions import db
 
@@ -62,10 +63,21 @@ class Conversation(db.Model):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+# What a message's status reads as now: a reply still `streaming` after its
+# `stale_at` (its producer died) is `interrupted`. The one definition, used by
+# the ORM (`Message.current_status`) and by the raw SQL of turns and exports.
+CURRENT_STATUS_SQL = "CASE WHEN status = 'streaming' AND stale_at <= now() THEN 'interrupted' ELSE status END"
+
+
 class Message(db.Model):
     """One chat message, keyed by (conversation_id, id): every query names its
     conversation. `turn` is the ordinal of a user message within its
-    conversation (1, 2, 3...), assigned under the conversation's row lock."""
+    conversation (1, 2, 3...), assigned under the conversation's row lock.
+
+    A reply exists from the moment it is produced: `streaming` (its content
+    the text so far), then `complete` or `stopped`; `ui_id` is the id a chat
+    UI keys it by; a superseded message is kept, out of the conversation's
+    current messages."""
 
     __tablename__ = "message"
     __table_args__ = (
@@ -82,7 +94,15 @@ class Message(db.Model):
             ["message.id", "message.conversation_id"],
             ondelete="CASCADE",
         ),
-        Index("uq_message_reply_to", "reply_to", unique=True, postgresql_where=text("reply_to IS NOT NULL")),
+        CheckConstraint("length(ui_id) BETWEEN 1 AND 255", name="ui_id_length"),
+        CheckConstraint("status IN ('streaming', 'complete', 'stopped')", name="status_known"),
+        CheckConstraint("(status = 'streaming') = (stale_at IS NOT NULL)", name="streaming_goes_stale"),
+        Index("uq_message_reply_to", "reply_to", unique=True,
+              postgresql_where=text("reply_to IS NOT NULL AND superseded_at IS NULL")),
+        Index("ix_message_reply_to", "reply_to", postgresql_where=text("reply_to IS NOT NULL")),
+        Index("uq_message_ui_id", "conversation_id", "ui_id", unique=True,
+              postgresql_where=text("superseded_at IS NULL")),
+        Index("ix_message_streaming", "conversation_id", postgresql_where=text("status = 'streaming'")),
     )
 
     conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -97,6 +117,11 @@ class Message(db.Model):
     model: Mapped[str | None] = mapped_column(Text)  # what the assistant backend reported (replies only)
     finish_reason: Mapped[str | None] = mapped_column(Text)
     usage: Mapped[dict | None] = mapped_column(JSONB)
+    ui_id: Mapped[str] = mapped_column(Text, server_default=text("'msg-' || replace(gen_random_uuid()::text, '-', '')"))
+    status: Mapped[str] = mapped_column(Text, server_default="complete")
+    stale_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    current_status: Mapped[str] = column_property(literal_column(CURRENT_STATUS_SQL))
 
 
 class IdempotencyKey(db.Model):

@@ -26,17 +26,16 @@ streamed turn runs the same steps on a thread of its own (turn_relay.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
-import psycopg.errors
-from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine
 
 from ..assistants import Assistant, HistoryMessage, Reply
+from ..assistants.deadlines import cancellable
 from ..db import tenancy
 from ..errors import DATABASE_ERRORS, ApiError, database_failure
 from ..schemas import TITLE_PREVIEW_CHARS
@@ -44,10 +43,20 @@ from . import idempotency, rate_limit
 from .asking import Asking, AssistantFailed
 from .conversations import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
+from .progress import MINDER, ReplyProgress, Stopped
 from .rate_limit import RateLimit
-from .storable import UNSTORABLE, storable
+from .replies import Replies
+from .storable import UNSTORABLE
 from .turn_relay import TurnStream
-from .turn_sql import HISTORY_WINDOW, LATEST_WINDOW, STORE_REPLY, STORED_REPLY, USER_MESSAGE_TURN, store_user_message
+from .turn_sql import (
+    ANSWER_AGAIN,
+    HISTORY_WINDOW,
+    LATEST_WINDOW,
+    SUPERSEDE_REPLY,
+    USER_MESSAGE_TURN,
+    message_chars,
+    store_user_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +66,10 @@ STALE_GRACE_S = 30
 # DATABASE_POOL_TIMEOUT_S: the pool (or the CPU behind it) is the bottleneck
 # then, and queueing more only makes every turn late, and then a 503 anyway.
 ADMISSION_WAIT_SHARE = 0.1
-# A reply this large is stored without a pipeline (see tenancy.transaction).
-PIPELINED_REPLY_MAX_CHARS = 256 * 1024
 # The statement that stores a user message, by (new conversation?, with the write-limit step?).
 STORE = {(new, step): store_user_message(new, step) for new in (False, True) for step in (False, True)}
-# Answers stored under a key before replies carried the model's report.
-ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
-
-REPLY_TO_INDEX = "uq_message_reply_to"
+# Answers stored under a key before replies carried the model's report, or a status.
+ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None, "status": "complete"}
 
 @dataclass(frozen=True)
 class TurnRequest:
@@ -78,7 +83,7 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class PendingTurn:
-    """A stored user message waiting for the assistant."""
+    """A stored user message, and its reply being produced (`streaming`)."""
 
     user_id: str
     conversation_id: uuid.UUID
@@ -86,21 +91,27 @@ class PendingTurn:
     turn: int
     history: list[HistoryMessage]
     idempotency_key: str | None
+    reply_id: int
+    reply_ui_id: str
+
+
+def new_ui_id() -> str:
+    """The id a chat UI keys a message by, for a message whose client gave none."""
+    return f"msg-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
 class Replay:
-    """The stored answer of an earlier request with the same Idempotency-Key."""
+    """The stored answer of an earlier request with the same Idempotency-Key,
+    and the id its reply's stream started with (None: stored before it had one)."""
 
     response: dict
+    ui_id: str | None = None
 
-    def __post_init__(self):
-        object.__setattr__(self, "response", {**ANSWER_DEFAULTS, **self.response})
-
-
-def message_chars(content: str, tool_calls: list) -> int:
-    """A message's size as the window and the storage count it: its text and its tool calls' JSON."""
-    return len(content) + (len(json.dumps(tool_calls)) if tool_calls else 0)
+    @classmethod
+    def of(cls, stored: dict) -> Replay:
+        stored = {**ANSWER_DEFAULTS, **stored}
+        return cls(stored, stored.pop("ui_id", None))
 
 
 def _window(rows, max_chars: int) -> list[HistoryMessage]:
@@ -132,8 +143,10 @@ class Turns:
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
                  history_max_chars: int, stale_after_s: float, idempotency_ttl_s: int, keepalive_s: float,
-                 admission_wait_s: float, rate_limit: RateLimit | None = None):
+                 admission_wait_s: float, flush_s: float, rate_limit: RateLimit | None = None):
         self.engine = engine
+        self.replies = Replies(engine, stale_after_s)
+        self.flush_s = flush_s
         self.admission_wait_s = admission_wait_s
         self.asking = Asking(assistant, backend)
         self.history_limit = history_limit
@@ -150,7 +163,7 @@ class Turns:
                    idempotency_ttl_s=settings.idempotency_ttl_s,
                    rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
                    keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars,
-                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s)
+                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s, flush_s=settings.stream_flush_s)
 
     def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
                 key: str | None = None) -> TurnRequest:
@@ -168,10 +181,21 @@ class Turns:
         return self.answer(pending, self.ask)
 
     def answer(self, pending: PendingTurn, ask) -> dict:
-        """`ask(pending)` then `finish`, every failure going through `_released_on_failure`:
-        the one sequence both deliveries run, differing only in how they ask."""
-        with self._released_on_failure(pending):
-            return self.finish(pending, ask(pending))
+        """`ask(pending, progress)` then `finish`, every failure going through
+        `_released_on_failure`: the one sequence both deliveries run, differing
+        only in how they ask. While the assistant answers, the process's minder
+        watches for a stop; a stopped reply keeps the text produced so far."""
+        progress = ReplyProgress(self.engine, pending, self.flush_s)
+        MINDER.watch(progress)
+        try:
+            with self._released_on_failure(pending), cancellable(progress.scope):
+                try:
+                    reply = ask(pending, progress)
+                except Stopped:
+                    return self.finish_stopped(pending, Reply(text=progress.text))
+                return self.finish(pending, reply)
+        finally:
+            MINDER.forget(progress)
 
     def stream(self, pending: PendingTurn) -> TurnStream:
         """A streaming turn: `ask` in the assistant's streaming form and `finish`, run
@@ -197,7 +221,7 @@ class Turns:
                 outcome = idempotency.claim(connection, request.user_id, request.claim)
                 outcome.refuse()
                 if outcome.state is KeyState.REPLAY:
-                    return Replay(outcome.response)
+                    return Replay.of(outcome.response)
                 if outcome.state is KeyState.RESUME:
                     return self._resume(connection, request, outcome)
             limited = None
@@ -207,12 +231,14 @@ class Turns:
 
     def _store_user_message(self, connection, request: TurnRequest, due: rate_limit.DueWrite | None,
                             limited: rate_limit.PendingTake | None) -> PendingTurn:
-        """Store the message; with a chat rate limit, its step went out first in
-        the same transaction, and a 429 or a 404 rolls both back, so a turn
-        into an unknown conversation is not counted."""
+        """Store the message and its reply-to-be; with a chat rate limit, its
+        step went out first in the same transaction, and a 429 or a 404 rolls
+        both back, so a turn into an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
-                  "limit": self.history_limit, **(due.limit.params if due is not None else {})}
+                  "limit": self.history_limit, "user_ui_id": new_ui_id(), "reply_ui_id": new_ui_id(),
+                  "stale_after": timedelta(seconds=self.stale_after_s),
+                  **(due.limit.params if due is not None else {})}
         stored, window = connection.cursor(), connection.cursor()
         stored.execute(STORE[request.conversation_id is None, due is not None], params)
         if request.conversation_id is not None:
@@ -225,7 +251,7 @@ class Turns:
         try:
             if limited is not None:
                 limited.check()  # 429: the message goes with the rollback
-            admitted, retry_after_s, conversation_id, user_message_id, turn = stored.fetchone()
+            admitted, retry_after_s, conversation_id, user_message_id, turn, reply_id = stored.fetchone()
             if not admitted:
                 raise rate_limit.RateLimited(retry_after_s, rate_limit.WRITES.what)
             if user_message_id is None:
@@ -239,15 +265,20 @@ class Turns:
         else:
             history = _window(window.fetchall(), self.history_max_chars)
         return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
-                           request.claim and request.claim.key)
+                           request.claim and request.claim.key, reply_id, params["reply_ui_id"])
 
     def _resume(self, connection, request: TurnRequest, outcome) -> PendingTurn:
-        """Answer the user message the key's first request stored."""
-        turn, window = connection.cursor(), connection.cursor()
-        turn.execute(USER_MESSAGE_TURN, {"conversation_id": outcome.conversation_id, "id": outcome.user_message_id,
-                                         "user_id": request.user_id})
-        window.execute(HISTORY_WINDOW, {"conversation_id": outcome.conversation_id, "up_to": outcome.user_message_id,
-                                        "limit": self.history_limit})
+        """Answer again the user message the key's first request stored: the reply
+        it had, if any (interrupted, or left by a failure), is superseded."""
+        params = {"conversation_id": outcome.conversation_id, "user_message_id": outcome.user_message_id,
+                  "id": outcome.user_message_id, "up_to": outcome.user_message_id, "user_id": request.user_id,
+                  "limit": self.history_limit, "reply_ui_id": new_ui_id(),
+                  "stale_after": timedelta(seconds=self.stale_after_s)}
+        turn, window, reply = connection.cursor(), connection.cursor(), connection.cursor()
+        turn.execute(USER_MESSAGE_TURN, params)
+        window.execute(HISTORY_WINDOW, params)
+        connection.cursor().execute(SUPERSEDE_REPLY, params)
+        reply.execute(ANSWER_AGAIN, params)
         row = turn.fetchone()
         if row is None:
             # The conversation was deleted since: the key can never be
@@ -258,93 +289,29 @@ class Turns:
             raise ConversationNotFound()
         connection.commit()
         return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
-                           _window(window.fetchall(), self.history_max_chars), request.claim.key)
+                           _window(window.fetchall(), self.history_max_chars), request.claim.key,
+                           reply.fetchone()[0], params["reply_ui_id"])
 
     # Step 2
 
-    def ask(self, pending: PendingTurn) -> Reply:
+    def ask(self, pending: PendingTurn, progress: ReplyProgress) -> Reply:
         """The assistant's reply to the window; any failure is an AssistantFailed."""
-        return self.asking.reply(pending)
+        return self.asking.reply(pending, progress)
 
-    def ask_streaming(self, pending: PendingTurn, emit) -> Reply:
+    def ask_streaming(self, pending: PendingTurn, progress: ReplyProgress, emit) -> Reply:
         """Like `ask`, calling `emit(Delta(text))` for each piece of text as it comes."""
-        return self.asking.stream(pending, emit)
+        return self.asking.stream(pending, progress, emit)
 
-    # Step 3
+    # Steps 3 and 4: the reply's end (replies.py)
 
     def finish(self, pending: PendingTurn, reply: Reply) -> dict:
-        """Store the reply and, under a key, the answer; return the answer.
+        return self.replies.finish(pending, reply)
 
-        The reply is made storable first (see `storable`). If another request
-        answered the same user message meanwhile (a retry that took over the
-        key of a slow first request), the unique index on `reply_to` refuses
-        this reply, and the answer is the one stored.
-        """
-        reply = storable(reply)
-        try:
-            return self._store_reply(pending, reply)
-        except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name != REPLY_TO_INDEX:
-                raise
-        stored = self._stored_reply(pending)
-        if stored is None:
-            raise ConversationNotFound()
-        return stored
-
-    def _stored_reply(self, pending: PendingTurn) -> dict | None:
-        with tenancy.transaction(self.engine, pending.user_id, patience_s=self.stale_after_s) as connection:
-            found = connection.cursor()
-            found.execute(STORED_REPLY, {"conversation_id": pending.conversation_id,
-                                         "reply_to": pending.user_message_id, "user_id": pending.user_id})
-            row = found.fetchone()
-        if row is None:
-            return None
-        assistant_message_id, content, tool_calls, model, finish_reason, usage = row
-        return {"conversation_id": str(pending.conversation_id), "response": content, "tool_calls": tool_calls,
-                "user_message_id": pending.user_message_id, "assistant_message_id": assistant_message_id,
-                "model": model, "finish_reason": finish_reason, "usage": usage}
-
-    def _store_reply(self, pending: PendingTurn, reply: Reply) -> dict:
-        response = {
-            "conversation_id": str(pending.conversation_id),
-            "response": reply.text,
-            "tool_calls": reply.tool_calls,
-            "user_message_id": pending.user_message_id,
-            "assistant_message_id": None,
-            "model": reply.model,
-            "finish_reason": reply.finish_reason,
-            "usage": reply.usage,
-        }
-        # The reply is paid for: wait for a connection as long as its key stays
-        # ours, rather than the pool's timeout of a request that could be retried.
-        with tenancy.transaction(self.engine, pending.user_id, patience_s=self.stale_after_s,
-                                 pipeline=message_chars(reply.text, reply.tool_calls) <= PIPELINED_REPLY_MAX_CHARS) as connection:
-            stored = connection.cursor()
-            stored.execute(STORE_REPLY, {
-                "user_id": pending.user_id, "conversation_id": pending.conversation_id, "content": reply.text,
-                "tool_calls": Jsonb(reply.tool_calls), "reply_to": pending.user_message_id,
-                "key": pending.idempotency_key, "response": Jsonb(response), "model": reply.model,
-                "finish_reason": reply.finish_reason, "usage": Jsonb(reply.usage) if reply.usage is not None else None,
-            })
-            connection.commit()
-            row = stored.fetchone()
-        if row is None:
-            raise ConversationNotFound()
-        response["assistant_message_id"] = row[0]
-        return response
-
-    # Step 4
+    def finish_stopped(self, pending: PendingTurn, reply: Reply) -> dict:
+        return self.replies.finish_stopped(pending, reply)
 
     def fail(self, pending: PendingTurn) -> None:
-        """Release the key, if the database allows: the user message stays, and a
-        retry with the key may answer it at once (not only once it is stale)."""
-        if pending.idempotency_key is None:
-            return
-        try:
-            with tenancy.transaction(self.engine, pending.user_id) as connection:
-                idempotency.fail(connection, pending.user_id, pending.idempotency_key)
-        except DATABASE_ERRORS as exc:
-            log.warning("could not release an Idempotency-Key (%s); it is retried once stale", type(exc).__name__)
+        self.replies.discard(pending)
 
     @contextmanager
     def _released_on_failure(self, pending: PendingTurn):

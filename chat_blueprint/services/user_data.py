@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ..db import tenancy
+from ..db.models import CURRENT_STATUS_SQL
 from ..schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ def erase_user(session: Session, user_id: str) -> None:
 TASKS = "SELECT * FROM task WHERE user_id = %(user_id)s ORDER BY created_at DESC, id DESC"
 CONVERSATIONS = "SELECT * FROM conversation WHERE user_id = %(user_id)s ORDER BY updated_at DESC, id DESC"
 # A keyset over the (conversation_id, id) primary key, one batch at a time.
-MESSAGES = """
-SELECT * FROM message
+MESSAGES = f"""
+SELECT *, {CURRENT_STATUS_SQL} AS current_status FROM message
 WHERE conversation_id = %(conversation_id)s AND user_id = %(user_id)s AND id > %(after)s
 ORDER BY id LIMIT %(limit)s
 """
