@@ -61,7 +61,7 @@ def test_policy_files_can_be_applied_again():
         before = isolation_state(cluster)
         with psycopg.connect(cluster.url(OWNER_ROLE)) as conn:
             conn.execute("select set_config('chat.app_role', %s, true)", (APP_ROLE,))
-            for policy in sorted((ROOT / "policies").glob("*.sql")):
+            for policy in sorted((ROOT / "chat_blueprint" / "policies").glob("*.sql")):
                 conn.execute(policy.read_text())
         assert isolation_state(cluster) == before
 
