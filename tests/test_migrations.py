@@ -8,8 +8,8 @@ import sys
 import psycopg
 from support import ROOT, SECRET, throwaway_cluster
 
-from devtools.cluster import APP_ROLE, OWNER_ROLE
 from chat_blueprint.db.models import ISOLATED_TABLES
+from devtools.cluster import APP_ROLE, OWNER_ROLE
 
 
 def flask_db(cluster, *args) -> None:
