@@ -11,10 +11,11 @@ comments after values, which PgBouncer reads as part of the value
 """
 from __future__ import annotations
 
+import re
 import subprocess
 
 import psycopg
-from docs_blocks import block, blocks, fenced, fill
+from docs_blocks import ROOT, block, blocks, fenced, fill
 from stack import nginx_command, pgbouncer, workdir, write_nginx_files
 
 from devtools.ports import free_port
@@ -61,3 +62,25 @@ def test_pgbouncer_starts_with_its_block_and_pools_transactions(cluster):
     assert (settings["pool_mode"], settings["server_login_retry"], settings["query_wait_timeout"]) == (
         "transaction", "1", "5")
     assert " ERROR " not in log and " WARNING " not in log, log
+
+
+def test_the_configuration_table_names_every_setting_gunicorn_conf_reads():
+    """The finding: `HOST` (and GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT)
+    were read by gunicorn.conf.py and missing from README's table."""
+    runtime = (ROOT / "gunicorn.conf.py").read_text()
+    read = set(re.findall(r"os\.environ(?:\.get|\.setdefault)?[(\[]\s*[\"'](\w+)[\"']", runtime))
+    read |= set(re.findall(r"[\"'](\w+)[\"'] not in os\.environ", runtime))
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration\n"):readme.index("## A curl session\n")]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert {"HOST", "PORT", "WEB_CONCURRENCY"} <= read
+    assert read - documented == set()
+
+
+def test_the_deployment_diagram_names_the_default_worker_class():
+    runtime = (ROOT / "gunicorn.conf.py").read_text()
+    default = re.search(r"environ\.get\(\"GUNICORN_WORKER_CLASS\", \"(\w+)\"\)", runtime).group(1)
+    operations = (ROOT / "docs/operations.md").read_text()
+    diagram = operations[operations.index("## The deployment\n"):operations.index("### An instance")]
+    assert re.findall(r"gunicorn × N instances \((\w+):", diagram) == [default]
