@@ -151,6 +151,9 @@ def test_an_installed_wheel_migrates_from_outside_the_checkout(installed, cluste
     assert {row[0] for row in forced} == set(ISOLATED_TABLES) and policies >= len(ISOLATED_TABLES)
     again = installed.run("flask", "--app", "wsgi", "db", "upgrade", DATABASE_URL=cluster.url(OWNER_ROLE, DATABASE))
     assert again.returncode == 0, again.stderr
+    current = installed.run("flask", "--app", "chat_blueprint", "db", "current",
+                            DATABASE_URL=cluster.url(OWNER_ROLE, DATABASE))
+    assert current.returncode == 0 and "(head)" in current.stdout, current.stdout + current.stderr
 
 
 def test_the_dockerfile_passes_hadolint():
