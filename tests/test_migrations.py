@@ -8,8 +8,8 @@ import sys
 import psycopg
 from support import ROOT, SECRET, throwaway_cluster
 
-from devtools.cluster import APP_ROLE, OWNER_ROLE
 from chat_blueprint.db.models import ISOLATED_TABLES
+from devtools.cluster import APP_ROLE, OWNER_ROLE
 
 
 def flask_db(cluster, *args) -> None:
@@ -61,7 +61,7 @@ def test_policy_files_can_be_applied_again():
         before = isolation_state(cluster)
         with psycopg.connect(cluster.url(OWNER_ROLE)) as conn:
             conn.execute("select set_config('chat.app_role', %s, true)", (APP_ROLE,))
-            for policy in sorted((ROOT / "policies").glob("*.sql")):
+            for policy in sorted((ROOT / "chat_blueprint" / "policies").glob("*.sql")):
                 conn.execute(policy.read_text())
         assert isolation_state(cluster) == before
 
