@@ -1,11 +1,6 @@
-"""The user's data: a copy of it and its erasure (no Flask here).
+"""The user's data: which tables hold it, what the export leaves out, and its
+erasure (no Flask here; the export itself is services/export.py).
 
-- `Export`: every row of one user as one JSON document (the shape of
-  `schemas.ExportSchema`), read in one snapshot and written out as it is read,
-  a batch at a time, so its size does not bound the server's memory. The
-  generator that writes it runs after the view has returned, so the user is
-  handed to it and bound to its transaction by `tenancy.snapshot`, not taken
-  from the request.
 - `erase_user`: deletes every row of one user in every table that has a
   `user_id` column, in one transaction, under row-level security. The tables
   are read from the schema at each call, so a table added later is erased
@@ -13,25 +8,12 @@
 """
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
-from typing import Iterator
 
-import psycopg
-from psycopg.rows import dict_row
 from sqlalchemy import column, delete, table, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
-
-from ..db import tenancy
-from ..schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
-
-log = logging.getLogger(__name__)
-
-EXPORT_BATCH_ROWS = 500
-EXPORT_CHUNK_CHARS = 64 * 1024
 
 EXPORTED_TABLES = ("task", "conversation", "message")
 NOT_EXPORTED = {
@@ -39,6 +21,7 @@ NOT_EXPORTED = {
                        "they expire after IDEMPOTENCY_TTL_S",
     "chat_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
     "write_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
+    "export_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
 }
 """Tables with a `user_id` that the export leaves out, and why. Every such
 table is either exported or named here: `unexported_tables` reports the rest
@@ -130,114 +113,3 @@ def erase_user(session: Session, user_id: str) -> None:
         for name in erase_plan(connection).statements:
             rows = table(name, column("user_id"))
             connection.execute(delete(rows).where(rows.c.user_id == user_id))
-
-
-# Export
-
-TASKS = "SELECT * FROM task WHERE user_id = %(user_id)s ORDER BY created_at DESC, id DESC"
-CONVERSATIONS = "SELECT * FROM conversation WHERE user_id = %(user_id)s ORDER BY updated_at DESC, id DESC"
-# A keyset over the (conversation_id, id) primary key, one batch at a time.
-MESSAGES = """
-SELECT * FROM message
-WHERE conversation_id = %(conversation_id)s AND user_id = %(user_id)s AND id > %(after)s
-ORDER BY id LIMIT %(limit)s
-"""
-# The rows are read with SELECT *: the schemas choose what goes out, so a column
-# that gains a field in MessageSchema (or TaskSchema, ConversationSchema) is exported too.
-
-export_head_schema = ExportSchema(only=("user_id", "exported_at"))
-task_schema = TaskSchema()
-conversation_schema = ConversationSchema()
-messages_schema = MessageSchema(many=True)
-
-
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-class _Buffer:
-    """Text waiting to go out, sent in chunks of about EXPORT_CHUNK_CHARS."""
-
-    def __init__(self):
-        self.parts: list[str] = []
-        self.size = 0
-
-    def add(self, part: str) -> bool:
-        """Append `part`; True when a chunk is ready to be taken."""
-        self.parts.append(part)
-        self.size += len(part)
-        return self.size >= EXPORT_CHUNK_CHARS
-
-    def take(self) -> bytes:
-        chunk = "".join(self.parts).encode()
-        self.parts, self.size = [], 0
-        return chunk
-
-
-def _export_chunks(engine: Engine, user_id: str, batch_rows: int) -> Iterator[bytes]:
-    with tenancy.snapshot(engine, user_id) as connection:
-        exported_at = connection.execute("SELECT now()").fetchone()[0]
-        head = _json(export_head_schema.dump({"user_id": user_id, "exported_at": exported_at}))
-        yield (head[:-1] + ',"tasks":[').encode()
-        out = _Buffer()
-        params = {"user_id": user_id}
-        with connection.cursor(name="export_tasks", row_factory=dict_row) as tasks:
-            tasks.itersize = batch_rows
-            tasks.execute(TASKS, params)
-            for n, row in enumerate(tasks):
-                if out.add(("," if n else "") + _json(task_schema.dump(row))):
-                    yield out.take()
-        out.add('],"conversations":[')
-        with connection.cursor(name="export_conversations", row_factory=dict_row) as conversations:
-            conversations.itersize = batch_rows
-            conversations.execute(CONVERSATIONS, params)
-            for n, conversation in enumerate(conversations):
-                head = _json(conversation_schema.dump(conversation))
-                out.add(("," if n else "") + head[:-1] + ',"messages":[')
-                yield from _messages(connection, user_id, conversation["id"], batch_rows, out)
-                out.add("]}")
-        out.add("]}")
-        yield out.take()
-
-
-def _messages(connection, user_id: str, conversation_id, batch_rows: int, out: _Buffer) -> Iterator[bytes]:
-    """The conversation's messages in id order, one keyset batch at a time."""
-    params = {"user_id": user_id, "conversation_id": conversation_id, "after": 0, "limit": batch_rows}
-    first = True
-    with connection.cursor(row_factory=dict_row) as cursor:
-        while True:
-            rows = cursor.execute(MESSAGES, params).fetchall()
-            for message in messages_schema.dump(rows):
-                if out.add(("" if first else ",") + _json(message)):
-                    yield out.take()
-                first = False
-            if len(rows) < batch_rows:
-                return
-            params["after"] = rows[-1]["id"]
-
-
-class Export:
-    """The export of one user, as a WSGI response body.
-
-    Creating it opens the transaction and binds the user, so a database that
-    is down or a pool that is exhausted fails here, while the view can still
-    answer 503; after the first byte the status line is gone. Iterating it
-    writes the document; `close()` (called by the server when the response
-    ends or the client goes away) ends the transaction and frees the
-    connection.
-    """
-
-    def __init__(self, engine: Engine, user_id: str, batch_rows: int = EXPORT_BATCH_ROWS):
-        self._chunks = _export_chunks(engine, user_id, batch_rows)
-        self._head = next(self._chunks)
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._head
-        try:
-            yield from self._chunks
-        except psycopg.Error as exc:
-            log.warning("export interrupted by a database error: %s", type(exc).__name__)
-            raise
-
-    def close(self) -> None:
-        self._chunks.close()
