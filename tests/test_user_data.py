@@ -320,6 +320,58 @@ def test_erase_of_a_user_with_nothing_is_204(client):
     assert client.delete(f"/api/{nobody.id}/data", headers=nobody.headers).status_code == 204
 
 
+BIG_CONVERSATION = 300_000
+
+
+def test_a_user_with_many_messages_is_erased_in_batches(app_url, owner_url, monkeypatch):
+    """The finding: erasure was one statement under DATABASE_STATEMENT_TIMEOUT_S,
+    so a user with enough messages got 503 with Retry-After forever. Here the
+    timeout is 0.3 s, far below what deleting 300,000 messages of one
+    conversation in one statement takes, and far above a batch of 1,000."""
+    monkeypatch.setattr(user_data, "ERASE_BATCH_ROWS", 1_000)
+    big, other = make_user("big"), make_user("other")
+    add_messages(owner_url, big.id, BIG_CONVERSATION)
+    add_messages(owner_url, big.id, 2_500, conversations=2_500)
+    with connect(owner_url, big.id) as conn:
+        conn.execute("insert into task (user_id, title) select %s, 't' || g from generate_series(1, 2500) g",
+                     (big.id,))
+    add_messages(owner_url, other.id, 10, conversations=2)
+    tables = ("task", "conversation", "message")
+    with built_app(app_url, DATABASE_STATEMENT_TIMEOUT_S=0.3) as app:
+        client = app.test_client()
+        response = client.delete(f"/api/{big.id}/data", headers=big.headers)
+        assert response.status_code == 204, response.get_data(as_text=True)
+        assert rows_per_table(app_url, big.id, tables) == dict.fromkeys(tables, 0)
+        assert client.delete(f"/api/{big.id}/data", headers=big.headers).status_code == 204
+        with app.app_context():
+            assert db.engine.pool.checkedout() == 0
+    assert rows_per_table(app_url, other.id, tables) == {"task": 0, "conversation": 2, "message": 10}
+
+
+def test_an_erasure_cut_short_goes_on_where_it_stopped(client, app_url, alice, monkeypatch):
+    """Each batch commits on its own: the database going away after the first
+    batch of messages leaves a 503 with Retry-After and fewer rows, never an
+    inconsistent user, and a repeat erases the rest."""
+    monkeypatch.setattr(user_data, "ERASE_BATCH_ROWS", 10)
+    add_messages(app_url, alice.id, 60, conversations=3)
+    real_run, by_parent = user_data._run, []
+
+    def failing_at_the_second_batch_of_messages(engine, user_id, statement, params):
+        if "parents" in params:
+            by_parent.append(statement)
+            if len(by_parent) == 2:
+                raise psycopg.OperationalError("the database went away")
+        return real_run(engine, user_id, statement, params)
+
+    monkeypatch.setattr(user_data, "_run", failing_at_the_second_batch_of_messages)
+    cut = client.delete(f"/api/{alice.id}/data", headers=alice.headers)
+    assert cut.status_code == 503 and cut.headers["Retry-After"].isdigit()
+    assert rows_per_table(app_url, alice.id, ("conversation", "message")) == {"conversation": 3, "message": 50}
+    monkeypatch.setattr(user_data, "_run", real_run)
+    assert client.delete(f"/api/{alice.id}/data", headers=alice.headers).status_code == 204
+    assert rows_per_table(app_url, alice.id, ("conversation", "message")) == {"conversation": 0, "message": 0}
+
+
 # The memory bound, on a real gunicorn worker
 
 EXPORTED_MESSAGES = 50_000

@@ -44,6 +44,7 @@ def export():
 @bp.delete("/data")
 def erase():
     """Erase every row of the user in every table (the right to erasure; the
-    hook an account deletion calls). Repeating it is 204 again."""
-    user_data.erase_user(db.session, g.user_id)
+    hook an account deletion calls), in batches, answering 204 once nothing is
+    left. Repeating it is 204 again."""
+    user_data.erase_user(db.engine, g.user_id)
     return "", 204
