@@ -543,3 +543,17 @@ def test_slow_readers_of_several_users_hold_no_connection(app_url, owner_url, su
         finally:
             for reader in readers:
                 reader.close()
+
+
+def test_the_export_settings_and_their_defaults():
+    from chat_blueprint.config import ConfigError, load_settings
+
+    url = {"DATABASE_URL": "postgresql://h/db"}
+    settings = load_settings(url)
+    assert (settings.export_rate_limit, settings.export_max_bytes, settings.export_concurrency) == (
+        (6, 3600), 512 * 1024 * 1024, 4)
+    assert load_settings({**url, "EXPORT_RATE_LIMIT": "off"}).export_rate_limit is None
+    for name, value in (("EXPORT_RATE_LIMIT", "6 an hour"), ("EXPORT_MAX_BYTES", "100"),
+                        ("EXPORT_CONCURRENCY", "0"), ("EXPORT_MAX_BYTES", "1GB")):
+        with pytest.raises(ConfigError, match=name):
+            load_settings({**url, name: value})
