@@ -44,8 +44,10 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert dict(upgraded[2])["message"] == "DELETE,INSERT,SELECT"
         assert dict(upgraded[2])["chat_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         assert dict(upgraded[2])["write_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
+        assert dict(upgraded[2])["export_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
+                               ("prune_export_rate_limits", True, owner_only),
                                ("prune_idempotency_keys", True, owner_only),
                                ("prune_write_rate_limits", True, owner_only)]
         flask_db(cluster, "downgrade", "base")
