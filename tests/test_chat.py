@@ -483,3 +483,11 @@ def test_chat_body_errors(client, alice):
     assert client.post(url, data=b'{"message": "hi"}', content_type="text/plain",
                        headers=alice.headers).status_code == 415
     assert client.post(url, headers=alice.headers).status_code == 415
+
+
+def test_the_builtin_reply_counts_the_messages_in_view_in_good_english(client, alice):
+    """The finding: the first turn's reply said "(1 messages in view)"."""
+    first = chat(client, alice, "one").get_json()
+    assert first["response"] == 'turn 1: you said "one" (1 message in view)'
+    second = chat(client, alice, "two", first["conversation_id"]).get_json()
+    assert second["response"] == 'turn 2: you said "two" (3 messages in view)'
