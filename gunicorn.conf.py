@@ -72,10 +72,11 @@ if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
 
 
-# The master imports nothing of the app (its log formatter aside, which is
-# stdlib only): a gevent worker must monkey-patch the standard library before
-# Flask, psycopg or the ssl module are imported, and workers inherit whatever
-# the master imported. Hence the start-up check runs as its own process.
+# The master imports nothing of the app but two stdlib-only modules, its log
+# formatter and, for the banner, its settings: a gevent worker must
+# monkey-patch the standard library before Flask, psycopg or the ssl module
+# are imported, and workers inherit whatever the master imported. Hence the
+# start-up check runs as its own process.
 
 
 def on_starting(server):
@@ -86,6 +87,26 @@ def on_starting(server):
         print(refusal, file=sys.stderr, flush=True)
         server.log.error(refusal)
         sys.exit(1)
+
+
+def when_ready(server):
+    """One line saying what serves, once the start-up check passed: the assistant (`builtin`, or `openai`
+    with its model and the host of ASSISTANT_BASE_URL, never its credentials, path or query), the workers
+    and their class. An operator reading why turns fail (a 502 naming a host) sees here what was meant."""
+    from urllib.parse import urlsplit
+
+    from chat_blueprint.config import load_settings
+
+    settings = load_settings()
+    assistant = settings.assistant
+    if assistant == "openai":
+        host = urlsplit(settings.assistant_base_url).netloc.rpartition("@")[2]
+        assistant = f"openai {settings.assistant_model} at {host}"
+    cfg, kind = server.cfg, server.cfg.worker_class_str
+    each = (f", {cfg.threads} threads each" if kind == "gthread" else
+            f", {cfg.worker_connections} connections each" if kind.startswith("gevent") else "")
+    server.log.info("Serving with assistant %s; %d %s worker%s%s", assistant, cfg.workers, kind,
+                    "" if cfg.workers == 1 else "s", each)
 
 
 def child_exit(server, worker):
