@@ -24,6 +24,7 @@ import http
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,15 @@ def when_ready(server):
             f", {cfg.worker_connections} connections each" if kind.startswith("gevent") else "")
     server.log.info("Serving with assistant %s; %d %s worker%s%s", assistant, cfg.workers, kind,
                     "" if cfg.workers == 1 else "s", each)
+
+
+def post_worker_init(worker):
+    """A worker leaves Ctrl-C to the master. A terminal's Ctrl-C signals every process of the group, so
+    each worker heard SIGINT from the terminal and then SIGQUIT from the master (whose answer to SIGINT
+    is to quit its workers); under gevent each of the two raised its own SystemExit, and the second
+    one, arriving while the worker was already exiting, was printed as a traceback. Ignoring SIGINT
+    here leaves one signal per worker, the master's, and a clean exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def child_exit(server, worker):
