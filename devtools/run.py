@@ -3,6 +3,7 @@ gunicorn until Ctrl-C; and tokens signed like the ones `make run` prints."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -73,6 +74,30 @@ def greeting(base: str, user: str, token: str, secret_hint: str) -> str:
     ])
 
 
+class QuietStop:
+    """gunicorn's output as `make run` shows it: every line while it serves; once a stop was asked for,
+    not gunicorn's own routine INFO lines (the signal, each worker exiting, the master shutting down), so
+    that a Ctrl-C ends in the one line `run` prints. Its warnings and errors, and whatever is not one of
+    its JSON log lines (a traceback), still show."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def __call__(self, line: str) -> None:
+        if self.stopping and _gunicorn_info(line):
+            return
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _gunicorn_info(line: str) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("logger") == "gunicorn.error" and entry.get("level") == "INFO"
+
+
 def run(root: Path) -> int:
     """Start the cluster, migrate, and serve with gunicorn until Ctrl-C."""
     port = port_setting("PORT", 8000)
@@ -93,9 +118,11 @@ def run(root: Path) -> int:
         env = {**os.environ, "BETTER_AUTH_SECRET": secret}
         migrate(cluster, env)
         env.update(DATABASE_URL=cluster.url(APP_ROLE))
-        with serve(env, host=host, port=port, wait=False) as server:
+        output = QuietStop()
+        with serve(env, host=host, port=port, relay=output, wait=False) as server:
 
             def forward(signum, frame):
+                output.stopping = True
                 if server.process.poll() is None:
                     server.process.send_signal(signum)
 
