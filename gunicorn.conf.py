@@ -24,6 +24,7 @@ import http
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,10 +73,11 @@ if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
 
 
-# The master imports nothing of the app (its log formatter aside, which is
-# stdlib only): a gevent worker must monkey-patch the standard library before
-# Flask, psycopg or the ssl module are imported, and workers inherit whatever
-# the master imported. Hence the start-up check runs as its own process.
+# The master imports nothing of the app but two stdlib-only modules, its log
+# formatter and, for the banner, its settings: a gevent worker must
+# monkey-patch the standard library before Flask, psycopg or the ssl module
+# are imported, and workers inherit whatever the master imported. Hence the
+# start-up check runs as its own process.
 
 
 def on_starting(server):
@@ -86,6 +88,35 @@ def on_starting(server):
         print(refusal, file=sys.stderr, flush=True)
         server.log.error(refusal)
         sys.exit(1)
+
+
+def when_ready(server):
+    """One line saying what serves, once the start-up check passed: the assistant (`builtin`, or `openai`
+    with its model and the host of ASSISTANT_BASE_URL, never its credentials, path or query), the workers
+    and their class. An operator reading why turns fail (a 502 naming a host) sees here what was meant."""
+    from urllib.parse import urlsplit
+
+    from chat_blueprint.config import load_settings
+
+    settings = load_settings()
+    assistant = settings.assistant
+    if assistant == "openai":
+        host = urlsplit(settings.assistant_base_url).netloc.rpartition("@")[2]
+        assistant = f"openai {settings.assistant_model} at {host}"
+    cfg, kind = server.cfg, server.cfg.worker_class_str
+    each = (f", {cfg.threads} threads each" if kind == "gthread" else
+            f", {cfg.worker_connections} connections each" if kind.startswith("gevent") else "")
+    server.log.info("Serving with assistant %s; %d %s worker%s%s", assistant, cfg.workers, kind,
+                    "" if cfg.workers == 1 else "s", each)
+
+
+def post_worker_init(worker):
+    """A worker leaves Ctrl-C to the master. A terminal's Ctrl-C signals every process of the group, so
+    each worker heard SIGINT from the terminal and then SIGQUIT from the master (whose answer to SIGINT
+    is to quit its workers); under gevent each of the two raised its own SystemExit, and the second
+    one, arriving while the worker was already exiting, was printed as a traceback. Ignoring SIGINT
+    here leaves one signal per worker, the master's, and a clean exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def child_exit(server, worker):

@@ -8,10 +8,12 @@ import time
 
 import jwt
 import pytest
-from support import SECRET, built_app, make_user
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwks_server import KeyServer
 from jwt.algorithms import OKPAlgorithm
+from support import SECRET, built_app, make_user
+
+from chat_blueprint.auth import LEEWAY_S
 
 
 def token(claims=None, secret=SECRET, algorithm="HS256", drop=(), headers=None):
@@ -73,6 +75,14 @@ def test_not_yet_valid_is_401(client):
 
 def test_issued_in_the_future_is_401(client):
     assert_401(get_tasks(client, "Bearer " + token({"iat": int(time.time()) + 600})))
+
+
+@pytest.mark.parametrize("claim, inside, outside", [("exp", -2, -10), ("nbf", 2, 10), ("iat", 2, 10)])
+def test_clocks_may_disagree_by_the_documented_five_seconds(client, claim, inside, outside):
+    """README and docs/better-auth.md promise LEEWAY_S (5 s) of clock skew, no more."""
+    assert LEEWAY_S == 5
+    assert get_tasks(client, "Bearer " + token({claim: int(time.time()) + inside})).status_code == 200
+    assert_401(get_tasks(client, "Bearer " + token({claim: int(time.time()) + outside})))
 
 
 def test_alg_none_is_401(client):

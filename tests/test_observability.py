@@ -11,6 +11,8 @@ import requests
 from fake_llm import FakeChatCompletions, streamed, text
 from support import gunicorn, make_user
 
+from devtools.ports import free_port
+
 SECRET_MESSAGE = "my bank password is hunter2-7c1e"
 
 
@@ -194,3 +196,34 @@ def test_tokens_are_counted_by_model_over_every_worker(app_url):
     # A server that names no model: its tokens count under the model asked for.
     assert (added("assistant_prompt_tokens_total", "configured-name"),
             added("assistant_completion_tokens_total", "configured-name")) == (2, 1)
+
+
+def gunicorn_says(server, prefix: str) -> dict:
+    return wait_for_log(server, lambda e: e["logger"] == "gunicorn.error" and e["message"].startswith(prefix))
+
+
+def test_the_start_up_banner_names_the_assistant_and_the_workers(server):
+    banner = gunicorn_says(server, "Serving with")
+    assert banner["message"] == "Serving with assistant builtin; 2 gevent workers, 1000 connections each"
+
+
+def test_an_unreachable_model_server_is_named_in_the_log_and_the_banner_never_in_the_answer(app_url):
+    """The finding: the 502 said "could not be reached" and the log only "AssistantError", so an
+    operator could not tell which server was meant. Host and port only: ASSISTANT_BASE_URL may
+    carry credentials, a secret path or a key in its query, and none of them is logged."""
+    user, port = make_user(), free_port()  # nothing listens there
+    base_url = f"http://proxy-user:url-SECRET@127.0.0.1:{port}/v1/path-SECRET?key=query-SECRET"
+    with gunicorn(app_url, threads=4, ASSISTANT="openai", ASSISTANT_BASE_URL=base_url, ASSISTANT_MODEL="test-model",
+                  ASSISTANT_API_KEY="sk-key-SECRET", GUNICORN_WORKER_CLASS="gthread") as server:
+        banner = gunicorn_says(server, "Serving with")
+        assert banner["message"] == (f"Serving with assistant openai test-model at 127.0.0.1:{port}; "
+                                     "1 gthread worker, 4 threads each")
+        answer = requests.post(f"{server.url}/api/{user.id}/chat", json={"message": "hello"}, headers=user.headers,
+                               timeout=30)
+        assert answer.status_code == 502
+        assert answer.json()["error"]["message"] == "the assistant failed: the assistant backend could not be reached"
+        assert str(port) not in answer.text
+        unanswered = wait_for_log(server, lambda e: e["message"].startswith("chat turn unanswered"))
+        assert unanswered["message"] == ("chat turn unanswered: assistant_failed (AssistantError: the assistant "
+                                         f"backend could not be reached); assistant backend at 127.0.0.1:{port}")
+        assert "SECRET" not in server.output()

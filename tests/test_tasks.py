@@ -181,6 +181,18 @@ def test_unknown_route_is_404_json(client):
     assert response.status_code == 404 and response.is_json
 
 
+@pytest.mark.parametrize("path", ["tasks/abc", "tasks/-1", "tasks/1.5/complete", "conversations/not-a-uuid",
+                                  "conversations/12345/messages"])
+def test_a_malformed_id_in_the_path_is_a_short_404_that_says_what_an_id_is(client, alice, path):
+    """The finding: Werkzeug's paragraph ("...If you entered the URL manually please check your
+    spelling and try again.") was the JSON error's message."""
+    response = client.get(f"/api/{alice.id}/{path}", headers=alice.headers)
+    assert response.status_code == 404
+    error = response.get_json()["error"]
+    assert error["code"] == "not_found" and len(error["message"]) < 100
+    assert "integer" in error["message"] and "UUID" in error["message"]
+
+
 def insert_tasks(app_url, user, count: int, *, completed_every: int = 0) -> None:
     """`count` tasks straight into the table as the app role (faster than the API)."""
     with connect(app_url, user.id) as conn:

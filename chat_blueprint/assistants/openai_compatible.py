@@ -28,7 +28,8 @@ error classes and the parsed `ChatCompletion` are the same.
 The API key is sent as the bearer token and nowhere else: error messages
 are composed here from the status code and a short error code, never from
 the upstream body (which may echo the key), and the original exception is
-not chained.
+not chained. What logs may name of the server is `endpoint`: the host and
+port of ASSISTANT_BASE_URL, never its credentials, path or query.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from itertools import dropwhile
 from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -74,6 +76,7 @@ class OpenAICompatibleAssistant:
                  temperature: float | None = None, max_tokens: int | None = None,
                  user_key: str | None = None):
         self.model = model
+        self.endpoint = urlsplit(base_url).netloc.rpartition("@")[2]  # host[:port], without user:password@
         self.system_prompt = system_prompt
         self.timeout_s = timeout_s
         self._api_key = api_key

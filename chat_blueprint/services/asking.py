@@ -76,8 +76,10 @@ class Asking:
             # By the model the server reported, else the one asked for (ASSISTANT_MODEL).
             observe_tokens(self.backend, reply.model or getattr(self.assistant, "model", None), reply.usage)
 
-    @staticmethod
-    def assistant_failed(pending, failure: Exception) -> AssistantFailed:
+    def assistant_failed(self, pending, failure: Exception) -> AssistantFailed:
+        """The client's 502 or 504, and the operator's log line: what went wrong (an AssistantError's
+        message is composed by the backend, never the upstream's text) and, for a backend that says
+        where it calls (`endpoint`, host and port only), which server let the turn down."""
         if isinstance(failure, AssistantTimeout):
             status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"
         elif isinstance(failure, AssistantError):
@@ -85,7 +87,10 @@ class Asking:
         else:
             log.error("assistant raised an unexpected error", exc_info=failure)
             status, code, message = 502, "assistant_failed", "the assistant failed"
-        log.warning("chat turn unanswered: %s (%s)", code, type(failure).__name__)
+        what = f"{type(failure).__name__}: {failure}" if isinstance(failure, AssistantError) else type(failure).__name__
+        endpoint = getattr(self.assistant, "endpoint", None)
+        log.warning("chat turn unanswered: %s (%s)%s", code, what,
+                    f"; assistant backend at {endpoint}" if endpoint else "")
         retry_after_s = getattr(failure, "retry_after_s", None)
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
         return AssistantFailed(status, code, message, pending, headers)

@@ -70,6 +70,10 @@ ADMISSION_WAIT_SHARE = 0.1
 STORE = {(new, step): store_user_message(new, step) for new in (False, True) for step in (False, True)}
 # Answers stored under a key before replies carried the model's report, or a status.
 ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None, "status": "complete"}
+# The keys of an answer in the order `Replies._answer` gives them: a replay reads the answer back from jsonb,
+# which keeps keys in its own order (shortest first), and puts them back in this one.
+ANSWER_KEYS = ("conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
+               "finish_reason", "usage", "status")
 
 @dataclass(frozen=True)
 class TurnRequest:
@@ -111,7 +115,8 @@ class Replay:
     @classmethod
     def of(cls, stored: dict) -> Replay:
         stored = {**ANSWER_DEFAULTS, **stored}
-        return cls(stored, stored.pop("ui_id", None))
+        ui_id = stored.pop("ui_id", None)
+        return cls({key: stored[key] for key in ANSWER_KEYS}, ui_id)
 
 
 def _window(rows, max_chars: int) -> list[HistoryMessage]:

@@ -15,8 +15,8 @@
 - The app role may now UPDATE the columns a reply's progress, end and
   supersession change (policies/message.sql, applied again).
 
-Revision ID: 0007_turn_lifecycle
-Revises: 0006_write_rate_limit
+Revision ID: 0008_turn_lifecycle
+Revises: 0007_export_rate_limit
 Create Date: 2026-12-06
 """
 from pathlib import Path
@@ -25,8 +25,8 @@ from alembic import op
 from flask import current_app
 from psycopg import sql
 
-revision = "0007_turn_lifecycle"
-down_revision = "0006_write_rate_limit"
+revision = "0008_turn_lifecycle"
+down_revision = "0007_export_rate_limit"
 branch_labels = None
 depends_on = None
 
