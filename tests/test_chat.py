@@ -503,4 +503,4 @@ def test_a_replayed_answer_has_its_keys_in_the_order_of_the_first(client, alice)
     assert again.get_json() == first.get_json()
     assert list(again.get_json()) == list(first.get_json()) == [
         "conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
-        "finish_reason", "usage"]
+        "finish_reason", "usage", "status"]
