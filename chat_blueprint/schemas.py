@@ -168,6 +168,14 @@ class ChatResponseSchema(ModelReportSchema):
                            metadata={"description": "stopped: the conversation's stop route ended the reply early"})
 
 
+class StopSchema(Schema):
+    """POST .../conversations/{id}/stop."""
+
+    stopped = fields.Boolean(required=True, metadata={"description": "whether a reply was being produced"})
+    assistant_message_id = fields.Integer(required=True, allow_none=True,
+                                          metadata={"description": "the reply stopped, if one was"})
+
+
 class ConversationSchema(Schema):
     id = fields.UUID(required=True)
     title = fields.String(required=True)

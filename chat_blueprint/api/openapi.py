@@ -197,6 +197,21 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
                                  errors=WRITE_ERRORS),
         },
     )
+    resume = _operation("resumeStream", "Follow the conversation's reply being produced, from its start",
+                        "200", "the reply's stream, as the turn that produces it sends it", errors=READ_ERRORS)
+    resume["responses"]["200"]["content"] = {"text/event-stream": UI_MESSAGE_STREAM}
+    resume["responses"]["204"] = {"description": "no reply of the conversation is being produced (also when the "
+                                                  "user has no such conversation)"}
+    spec.path(path="/api/{user_id}/chat/{conversation_id}/stream", parameters=[USER_ID, CONVERSATION_ID],
+              operations={"get": resume})
+    spec.path(
+        path="/api/{user_id}/conversations/{conversation_id}/stop",
+        parameters=[USER_ID, CONVERSATION_ID],
+        operations={"post": _operation(
+            "stopReply", "Stop the reply the conversation is producing, on whichever instance", "200",
+            "whether a reply was stopped; it keeps the text produced so far, status `stopped`", "Stop",
+            errors=WRITE_ERRORS)},
+    )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}/messages",
         parameters=[USER_ID, CONVERSATION_ID],
@@ -278,7 +293,7 @@ def _document(message_max_chars: int) -> dict:
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     spec.components.schema("Task", schema=schemas.TaskSchema)
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
-    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage", "Export"):
+    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage", "Stop", "Export"):
         spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
     _task_paths(spec)
     _chat_paths(spec, message_max_chars)
