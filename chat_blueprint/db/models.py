@@ -1,5 +1,7 @@
 """Typed models of the tables. Every row carries `user_id`; the
-row-level-security policies in `policies/` filter on it."""
+row-level-security policies in `policies/` filter on it, and every primary
+key, foreign key and unique index of a table with `user_id` leads with it
+(per-user conversation ids; a schema a database distributed by user can hold)."""
 from __future__ import annotations
 
 import uuid
@@ -14,9 +16,9 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Text,
-    UniqueConstraint,
     func,
     literal_column,
     text,
@@ -34,10 +36,11 @@ class Task(db.Model):
     __tablename__ = "task"
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
+        PrimaryKeyConstraint("user_id", "id"),
         Index("ix_task_user_created", "user_id", text("created_at DESC"), text("id DESC")),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
     user_id: Mapped[str] = mapped_column(Text)
     title: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(String(1000), server_default="")
@@ -50,11 +53,11 @@ class Conversation(db.Model):
     __tablename__ = "conversation"
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
-        UniqueConstraint("id", "user_id"),
+        PrimaryKeyConstraint("user_id", "id"),
         Index("ix_conversation_user_updated", "user_id", text("updated_at DESC"), text("id DESC")),
     )
 
-    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, server_default=func.gen_random_uuid())
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), server_default=func.gen_random_uuid())
     user_id: Mapped[str] = mapped_column(Text)
     title: Mapped[str] = mapped_column(String(200))
     message_count: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -66,12 +69,18 @@ class Conversation(db.Model):
 # What a message's status reads as now: a reply still `streaming` after its
 # `stale_at` (its producer died) is `interrupted`. The one definition, used by
 # the ORM (`Message.current_status`) and by the raw SQL of turns and exports.
-CURRENT_STATUS_SQL = "CASE WHEN status = 'streaming' AND stale_at <= now() THEN 'interrupted' ELSE status END"
+def current_status_sql(alias: str = "") -> str:
+    """The status expression for the message table (or its alias `alias`)."""
+    of = f"{alias}." if alias else ""
+    return f"CASE WHEN {of}status = 'streaming' AND {of}stale_at <= now() THEN 'interrupted' ELSE {of}status END"
+
+
+CURRENT_STATUS_SQL = current_status_sql()
 
 
 class Message(db.Model):
-    """One chat message, keyed by (conversation_id, id): every query names its
-    conversation. `turn` is the ordinal of a user message within its
+    """One chat message, keyed by (user_id, conversation_id, id): every query names
+    its user and conversation. `turn` is the ordinal of a user message within its
     conversation (1, 2, 3...), assigned under the conversation's row lock.
 
     A reply exists from the moment it is produced: `streaming` (its content
@@ -84,29 +93,31 @@ class Message(db.Model):
         CheckConstraint("role IN ('user', 'assistant')", name="role_known"),
         CheckConstraint("(role = 'assistant') = (reply_to IS NOT NULL)", name="assistant_replies"),
         CheckConstraint("(role = 'user') = (turn IS NOT NULL)", name="user_has_turn"),
+        PrimaryKeyConstraint("user_id", "conversation_id", "id"),
         ForeignKeyConstraint(
-            ["conversation_id", "user_id"],
-            ["conversation.id", "conversation.user_id"],
+            ["user_id", "conversation_id"],
+            ["conversation.user_id", "conversation.id"],
             ondelete="CASCADE",
         ),
         ForeignKeyConstraint(
-            ["reply_to", "conversation_id"],
-            ["message.id", "message.conversation_id"],
+            ["user_id", "conversation_id", "reply_to"],
+            ["message.user_id", "message.conversation_id", "message.id"],
             ondelete="CASCADE",
         ),
         CheckConstraint("length(ui_id) BETWEEN 1 AND 255", name="ui_id_length"),
         CheckConstraint("status IN ('streaming', 'complete', 'stopped')", name="status_known"),
         CheckConstraint("(status = 'streaming') = (stale_at IS NOT NULL)", name="streaming_goes_stale"),
-        Index("uq_message_reply_to", "reply_to", unique=True,
+        Index("uq_message_reply_to", "user_id", "conversation_id", "reply_to", unique=True,
               postgresql_where=text("reply_to IS NOT NULL AND superseded_at IS NULL")),
-        Index("ix_message_reply_to", "reply_to", postgresql_where=text("reply_to IS NOT NULL")),
-        Index("uq_message_ui_id", "conversation_id", "ui_id", unique=True,
+        Index("ix_message_reply_to", "user_id", "conversation_id", "reply_to",
+              postgresql_where=text("reply_to IS NOT NULL")),
+        Index("uq_message_ui_id", "user_id", "conversation_id", "ui_id", unique=True,
               postgresql_where=text("superseded_at IS NULL")),
-        Index("ix_message_streaming", "conversation_id", postgresql_where=text("status = 'streaming'")),
+        Index("ix_message_streaming", "user_id", "conversation_id", postgresql_where=text("status = 'streaming'")),
     )
 
-    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
     user_id: Mapped[str] = mapped_column(Text)
     role: Mapped[str] = mapped_column(Text)
     content: Mapped[str] = mapped_column(Text)

@@ -22,20 +22,37 @@ WRITE_STEP = "\nWITH step AS (" + WRITES.take_sql.rstrip() + "\n),"
 WRITE_VERDICT = ("EXISTS (SELECT FROM step),\n       (" + WRITES.retry_after_sql.strip()
                  + " AND NOT EXISTS (SELECT FROM step))")
 
-IN_CONVERSATION = """
+# Where the message goes: an existing conversation (row locked; no row: not the
+# user's), a new one, or either (a client-chosen id: created when the user has
+# no conversation with it). With the client's `ui_id`, a message the
+# conversation already holds is not stored again (`duplicate`).
+CONVERSATION_TARGETS = {
+    "existing": """
 counted AS (
     UPDATE conversation
     SET turn_count = turn_count + 1, message_count = message_count + 2, updated_at = now()
     WHERE id = %(conversation_id)s AND user_id = %(user_id)s {admitted}
     RETURNING id, turn_count
-)"""
-
-IN_NEW_CONVERSATION = """
+)""",
+    "new": """
 counted AS (
     INSERT INTO conversation (user_id, title, message_count, turn_count)
-    SELECT %(user_id)s, %(title)s, 2, 1 {admitted_where}
+    SELECT %(user_id)s, %(title)s, 2, 1 WHERE true {admitted}
     RETURNING id, turn_count
-)"""
+)""",
+    "existing_or_new": """
+counted AS (
+    INSERT INTO conversation AS c (user_id, id, title, message_count, turn_count)
+    SELECT %(user_id)s, %(conversation_id)s, %(title)s, 2, 1 WHERE true {admitted}
+    ON CONFLICT (user_id, id) DO UPDATE
+    SET turn_count = c.turn_count + 1, message_count = c.message_count + 2, updated_at = now()
+    RETURNING id, turn_count
+)""",
+}
+
+NOT_SENT_BEFORE = """AND NOT EXISTS (
+        SELECT FROM message WHERE user_id = %(user_id)s AND conversation_id = %(conversation_id)s
+        AND ui_id = %(user_ui_id)s AND superseded_at IS NULL)"""
 
 # The reply a turn is producing: empty and `streaming` until it is finished,
 # stopped or discarded.
@@ -54,42 +71,44 @@ STORE_USER_MESSAGE = """, stored AS (
     UPDATE idempotency_key SET conversation_id = stored.conversation_id, user_message_id = stored.id
     FROM stored WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
 )
-SELECT {verdict}, stored.conversation_id, stored.id, stored.turn, (SELECT id FROM reply)
+SELECT {verdict}, {duplicate}, stored.conversation_id, stored.id, stored.turn, (SELECT id FROM reply)
 FROM (SELECT) AS one LEFT JOIN stored ON true
 """
 
 
-def store_user_message(new_conversation: bool, write_step: bool) -> str:
-    """The statement that stores a user message and its reply-to-be: into a
-    new conversation or an existing one, with or without the write-limit step."""
-    if new_conversation:
-        counted = IN_NEW_CONVERSATION.format(admitted_where="WHERE EXISTS (SELECT FROM step)" if write_step else "")
-    else:
-        counted = IN_CONVERSATION.format(admitted="AND EXISTS (SELECT FROM step)" if write_step else "")
+def store_user_message(target: str, write_step: bool, client_ui_id: bool = False) -> str:
+    """The statement that stores a user message and its reply-to-be, into the
+    conversation `target` (CONVERSATION_TARGETS), with or without the
+    write-limit step, and for a message with the client's own `ui_id`."""
+    conditions = " ".join(filter(None, ["AND EXISTS (SELECT FROM step)" if write_step else "",
+                                        NOT_SENT_BEFORE if client_ui_id else ""]))
+    counted = CONVERSATION_TARGETS[target].format(admitted=conditions)
     head = WRITE_STEP + counted if write_step else "\nWITH" + counted
-    return head + STORE_USER_MESSAGE.format(verdict=WRITE_VERDICT if write_step else "true, NULL::int")
+    duplicate = "NOT EXISTS (SELECT FROM counted)" if client_ui_id else "false"
+    return head + STORE_USER_MESSAGE.format(verdict=WRITE_VERDICT if write_step else "true, NULL::int",
+                                            duplicate=duplicate)
 
 
-STORE_IN_CONVERSATION = store_user_message(new_conversation=False, write_step=True)
-STORE_IN_NEW_CONVERSATION = store_user_message(new_conversation=True, write_step=True)
+STORE_IN_CONVERSATION = store_user_message("existing", write_step=True)
+STORE_IN_NEW_CONVERSATION = store_user_message("new", write_step=True)
 
 # The window: the last current messages up to and including the user message,
 # newest first, leaving out replies still being produced (this turn's own
-# among them) and empty ones: a backward scan of the (conversation_id, id)
-# primary key that stops after `limit` rows, so its cost does not grow with
-# the conversation's length (migration 0002 says why no index is led by `id`).
+# among them) and empty ones: a backward scan of the (user_id, conversation_id,
+# id) primary key that stops after `limit` rows, so its cost does not grow with
+# the conversation's length.
 WINDOW_FILTER = """superseded_at IS NULL AND NOT (status = 'streaming' AND stale_at > now())
   AND (role = 'user' OR content <> '' OR tool_calls <> '[]'::jsonb)"""
 
 HISTORY_WINDOW = f"""
 SELECT role, content, tool_calls FROM message
-WHERE conversation_id = %(conversation_id)s AND id <= %(up_to)s AND {WINDOW_FILTER}
+WHERE user_id = %(user_id)s AND conversation_id = %(conversation_id)s AND id <= %(up_to)s AND {WINDOW_FILTER}
 ORDER BY id DESC LIMIT %(limit)s
 """
 
 LATEST_WINDOW = f"""
 SELECT role, content, tool_calls FROM message
-WHERE conversation_id = %(conversation_id)s AND {WINDOW_FILTER}
+WHERE user_id = %(user_id)s AND conversation_id = %(conversation_id)s AND {WINDOW_FILTER}
 ORDER BY id DESC LIMIT %(limit)s
 """
 
