@@ -44,12 +44,9 @@ def header_block(size: int, *fixed: bytes) -> bytes:
     while len(block) < size:
         name = f"X-Pad-{n}: ".encode()
         room = min(FIELD_LIMIT, size - len(block))
-        if room < len(name) + 3:  # too short for another line: lengthen the previous one instead
-            head, _, value = block[:-2].rpartition(b": ")
-            return head + b": " + value + b"p" * room + b"\r\n"
         block += name + b"p" * (room - len(name) - 2) + b"\r\n"
         n += 1
-    assert len(block) == size
+    assert len(block) == size, "no room for a last line: choose other fixed lines"
     return block
 
 
