@@ -12,7 +12,18 @@ import time
 import traceback
 
 import pytest
-from fake_llm import FakeChatCompletions, malformed, slow, stalled, status, streamed, text, tool_calls, trickled
+from fake_llm import (
+    FakeChatCompletions,
+    malformed,
+    redirect,
+    slow,
+    stalled,
+    status,
+    streamed,
+    text,
+    tool_calls,
+    trickled,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ChatTemplateError, render_strict_chat_template
@@ -490,3 +501,26 @@ def test_the_watchdog_shuts_a_guarded_socket_at_its_deadline_and_no_other():
         time.sleep(0.1)
         spared_peer.sendall(b"ok")
         assert spared.recv(10) == b"ok"
+
+
+# A hostile model server (issue 24): redirects, answers too large, absurd numbers, deep nesting.
+
+@pytest.fixture
+def elsewhere():
+    """Another server on loopback, standing for an internal service a redirect points at."""
+    with FakeChatCompletions(default=text("SECRET FROM INTERNAL SERVICE")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_a_redirect_is_an_error_and_its_target_is_never_contacted(llm, make_assistant, elsewhere, code, mode):
+    llm.script(redirect(code, f"{elsewhere.base_url}/chat/completions"))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError) as failure:
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+    assert not isinstance(failure.value, AssistantTimeout)
+    assert str(failure.value) == f"the assistant backend answered HTTP {code}"
+    assert elsewhere.requests == [] and len(llm.requests) == 1

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from fake_llm import FakeChatCompletions, redirect, stalled, status, streamed, text, trickled
 from support import connect, gunicorn, make_user
-from fake_llm import stalled, status, streamed, text, trickled
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
 EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
@@ -394,3 +394,15 @@ def test_sigterm_lets_streams_in_flight_finish(app_url, llm):
     for user, result in zip(users, results):
         rows = stored(app_url, user.id, result.of("start")["messageMetadata"]["conversation_id"])
         assert [row[1] for row in rows] == ["user", "assistant"] and rows[1][2] == result.text()
+
+
+# A hostile model server (issue 24): what it sends can neither cut the stream nor poison what is stored.
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_a_redirect_is_an_error_event_and_its_target_is_never_contacted(openai_server, fresh_llm, code):
+    with FakeChatCompletions(default=text("SECRET FROM INTERNAL SERVICE")) as elsewhere:
+        fresh_llm.script(redirect(code, f"{elsewhere.base_url}/chat/completions"))
+        stream = post_stream(openai_server, make_user(), "where to?").read()
+    assert stream.types == [*EVENT_ORDER_HEAD, "error"] and stream.done
+    assert f"HTTP {code}" in stream.of("error")["errorText"]
+    assert elsewhere.requests == []

@@ -18,6 +18,9 @@ check the call's deadline at every piece (a server trickling its answer), and
 have the socket shut at the deadline (a server that stalls: see deadlines.py),
 so ASSISTANT_TIMEOUT_S bounds the whole answer, first byte to last.
 
+Redirects are not followed: a 3xx is an error status like any other, so the
+window is never re-sent to, nor an answer taken from, another host.
+
 The request goes through the client's documented `post()` for custom
 requests rather than `chat.completions.create()`: the latter walks every
 message through its typed-parameter transform, which cost about 7 ms of CPU
@@ -91,6 +94,7 @@ class OpenAICompatibleAssistant:
             api_key=api_key or NO_API_KEY,
             timeout=timeout_s,
             max_retries=0,
+            http_client=openai.DefaultHttpxClient(follow_redirects=False),
         )
 
     @classmethod
