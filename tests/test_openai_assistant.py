@@ -14,6 +14,7 @@ import traceback
 import pytest
 from fake_llm import (
     FakeChatCompletions,
+    flood,
     malformed,
     redirect,
     slow,
@@ -30,7 +31,7 @@ from support import ChatTemplateError, render_strict_chat_template
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
 from chat_blueprint.assistants.deadlines import Watchdog
-from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
+from chat_blueprint.assistants.openai_compatible import MAX_ANSWER_BYTES, OpenAICompatibleAssistant
 from chat_blueprint.config import load_settings
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
@@ -524,3 +525,39 @@ def test_a_redirect_is_an_error_and_its_target_is_never_contacted(llm, make_assi
     assert not isinstance(failure.value, AssistantTimeout)
     assert str(failure.value) == f"the assistant backend answered HTTP {code}"
     assert elsewhere.requests == [] and len(llm.requests) == 1
+
+
+def test_a_blocking_answer_over_8_mib_is_refused(llm, make_assistant):
+    llm.script(text("x" * MAX_ANSWER_BYTES), text("y" * (MAX_ANSWER_BYTES - 1000)))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="30")
+
+    with pytest.raises(AssistantError, match="too large"):
+        assistant.reply(WINDOW, turn=2)
+    assert len(assistant.reply(WINDOW, turn=2).text) == MAX_ANSWER_BYTES - 1000  # just under: read whole
+
+
+def test_a_stream_over_8_mib_is_cut_as_soon_as_it_passes_the_cap(llm, make_assistant):
+    """A 64 MiB stream: the error comes once 8 MiB have arrived, and the connection is
+    closed then, so the server manages to send little more than the cap (plus what the
+    sockets' buffers hold) and no more of it is read."""
+    llm.script(flood(64 * 1024 * 1024))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="60")
+
+    received = 0
+    with pytest.raises(AssistantError, match="too large"):
+        for item in assistant.stream(WINDOW, turn=2):
+            received += len(item)
+    assert received <= MAX_ANSWER_BYTES
+    deadline = time.monotonic() + 10
+    while not llm.streamed_bytes:
+        assert time.monotonic() < deadline, "the server is still sending"
+        time.sleep(0.05)
+    assert llm.streamed_bytes[0] < MAX_ANSWER_BYTES + 16 * 1024 * 1024, llm.streamed_bytes
+
+
+def test_a_stream_just_under_the_cap_is_read_whole(llm, make_assistant):
+    llm.script(flood(MAX_ANSWER_BYTES - 256 * 1024))
+
+    items = list(make_assistant(ASSISTANT_TIMEOUT_S="30").stream(WINDOW, turn=2))
+
+    assert len(items[-1].text) > MAX_ANSWER_BYTES - 1024 * 1024

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from fake_llm import FakeChatCompletions, redirect, stalled, status, streamed, text, trickled
+from fake_llm import FakeChatCompletions, flood, redirect, stalled, status, streamed, text, trickled
 from support import connect, gunicorn, make_user
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
@@ -49,8 +49,12 @@ class Stream:
         self.comments = 0
         self.done = False
 
-    def read(self) -> Stream:
-        for line in self.response.iter_lines(chunk_size=1, decode_unicode=True):
+    def read(self, chunk_size: int = 1, within_s: float | None = None) -> Stream:
+        """Every event, read `chunk_size` bytes at a time (1: each event's arrival is timed);
+        `within_s`: fail once the stream has run that long."""
+        self.response.encoding = "utf-8"  # what the protocol says; requests guesses ISO-8859-1 for text/*
+        for line in self.response.iter_lines(chunk_size=chunk_size, decode_unicode=True):
+            assert within_s is None or time.monotonic() - self.started < within_s, "the stream is still going"
             if line.startswith(":"):
                 self.comments += 1
             elif line == "data: [DONE]":
@@ -397,6 +401,37 @@ def test_sigterm_lets_streams_in_flight_finish(app_url, llm):
 
 
 # A hostile model server (issue 24): what it sends can neither cut the stream nor poison what is stored.
+
+
+def test_a_stream_over_8_mib_is_an_error_event_nothing_is_kept_and_memory_stays_bounded(app_url, llm):
+    """A 64 MiB stream: cut at 8 MiB with a 502 `error` then `[DONE]`; the worker's peak
+    memory grows by far less than the stream (before the cap: about ten times it)."""
+    llm.reset()
+    llm.script(streamed(["warm"]), flood(64 * 1024 * 1024), streamed(["a short one"]))
+    with gunicorn(app_url, workers=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                  ASSISTANT_MODEL="fake-model", ASSISTANT_TIMEOUT_S=60) as server:
+        (worker,) = server.worker_pids()
+        user = make_user()
+        post_stream(server, user, "warm up").read()  # the first turn's imports and allocations
+        peak_before = peak_rss_bytes(worker)
+        failed = post_stream(server, user, "flood me", key="flood").read(chunk_size=65536, within_s=60)
+        grown = peak_rss_bytes(worker) - peak_before
+        assert failed.types[:3] == EVENT_ORDER_HEAD and failed.types[-1] == "error" and failed.done, failed.types[-3:]
+        assert "too large" in failed.of("error")["errorText"] and "finish" not in failed.types
+        assert len(failed.text()) <= 8 * 1024 * 1024
+        conversation_id = failed.of("start")["messageMetadata"]["conversation_id"]
+        assert [row[1] for row in stored(app_url, user.id, conversation_id)] == ["user"]
+        assert grown < 150 * 1024 * 1024, grown
+        retried = post_stream(server, user, "flood me", key="flood").read()
+        assert_well_formed(retried)
+        assert [row[1] for row in stored(app_url, user.id, conversation_id)] == ["user", "assistant"]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status_file:
+        line = next(line for line in status_file if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
 
 @pytest.mark.parametrize("code", [302, 307])
 def test_a_redirect_is_an_error_event_and_its_target_is_never_contacted(openai_server, fresh_llm, code):

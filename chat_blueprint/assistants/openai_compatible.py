@@ -18,8 +18,11 @@ check the call's deadline at every piece (a server trickling its answer), and
 have the socket shut at the deadline (a server that stalls: see deadlines.py),
 so ASSISTANT_TIMEOUT_S bounds the whole answer, first byte to last.
 
-Redirects are not followed: a 3xx is an error status like any other, so the
-window is never re-sent to, nor an answer taken from, another host.
+The server is not trusted further than that either. Both forms read at most
+MAX_ANSWER_BYTES of body, counted as the bytes arrive (before any parsing, so
+the SSE decoder's buffer is bounded too), and close the connection once it is
+passed. Redirects are not followed: a 3xx is an error status like any other,
+so the window is never re-sent to, nor an answer taken from, another host.
 
 The request goes through the client's documented `post()` for custom
 requests rather than `chat.completions.create()`: the latter walks every
@@ -62,8 +65,8 @@ TIMEOUT_STATUSES = (408, 504)
 # Statuses whose Retry-After is passed on, and the longest wait passed on.
 RETRY_AFTER_STATUSES = (429, 503)
 RETRY_AFTER_MAX_S = 60
-# A blocking answer larger than this is refused rather than held in memory.
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# An answer larger than this, in bytes received (blocking or streamed), is refused rather than held in memory.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 # Joins consecutive messages of one role into one (see `messages`).
 MERGED_SEPARATOR = "\n\n"
 USER_HASH_CONTEXT = b"assistant-user:"
@@ -119,13 +122,8 @@ class OpenAICompatibleAssistant:
         """
         deadline = time.monotonic() + self.timeout_s
         with self._mapped_errors(deadline):
-            body, size = [], 0
-            for piece in self._within(deadline, self.request_body(history, user_id), _BodyPieces):
-                size += len(piece)
-                if size > MAX_BODY_BYTES:
-                    raise AssistantError("the assistant backend's answer is too large")
-                body.append(piece)
-            completion = json.loads(b"".join(body))
+            body = b"".join(self._within(deadline, self.request_body(history, user_id), _BodyPieces))
+            completion = json.loads(body)
         return reply_from(completion)
 
     def stream(self, history: Sequence[HistoryMessage], turn: int, *,
@@ -243,30 +241,42 @@ def _check(deadline: float) -> None:
         raise AssistantTimeout("the assistant backend did not finish in time")
 
 
+def _received(response) -> Iterator[bytes]:
+    """The body's bytes in the pieces they arrive in, MAX_ANSWER_BYTES at most (the
+    caller's `finally` then closes the connection, which stops the server); a timeout
+    or a broken connection raised as the client's own errors."""
+    size = 0
+    try:
+        for piece in response.iter_bytes():
+            size += len(piece)
+            if size > MAX_ANSWER_BYTES:
+                raise AssistantError("the assistant backend's answer is too large")
+            yield piece
+    except httpx2.TimeoutException:
+        raise openai.APITimeoutError(request=response.request) from None
+    except httpx2.TransportError:
+        raise openai.APIConnectionError(request=response.request) from None
+
+
 class _BodyPieces(Stream[bytes]):
     """The client's response (its status and error handling done) with the body left
-    unread: its bytes in the pieces they arrive in, a timeout or a broken connection
-    raised as the client's own errors."""
+    unread: its bytes as `_received` reads them."""
 
     def __stream__(self):
         try:
-            yield from self.response.iter_bytes()
-        except httpx2.TimeoutException:
-            raise openai.APITimeoutError(request=self.response.request) from None
-        except httpx2.TransportError:
-            raise openai.APIConnectionError(request=self.response.request) from None
+            yield from _received(self.response)
         finally:
             self.response.close()
 
 
 class _ChunkDicts(Stream[dict]):
-    """The client's stream (its SSE decoder, error events and error mapping), but
-    each chunk left as the parsed JSON dict: building a typed model per chunk cost
-    about three quarters of a streamed turn's CPU (docs/benchmarks.md)."""
+    """The client's SSE decoder over the bytes `_received` reads, each chunk left as
+    the parsed JSON dict: building a typed model per chunk cost about three quarters
+    of a streamed turn's CPU (docs/benchmarks.md)."""
 
     def __stream__(self):
         try:
-            for sse in self._iter_events():
+            for sse in self._decoder.iter_bytes(_received(self.response)):
                 if sse.data.startswith("[DONE]"):
                     break
                 data = sse.json()
