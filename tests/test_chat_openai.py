@@ -206,3 +206,22 @@ def test_a_redirect_is_a_502_and_its_target_is_never_contacted(client, llm, alic
     assert [row[0] for row in stored(app_url, alice.id)] == ["user"]
     llm.script(text("from the right place"))
     assert chat(client, alice, "where to?", key="redirected").get_json()["response"] == "from the right place"
+
+
+@pytest.mark.parametrize("count", [10**400, 10**42], ids=["10**400", "10**42"])
+def test_usage_beyond_a_bigint_is_dropped(client, llm, alice, app_url, count):
+    llm.script(text("counted", usage={"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count}))
+    answer = chat(client, alice, "count this")
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["usage"] is None
+    with connect(app_url, alice.id) as conn:
+        assert conn.execute("select usage from message where role = 'assistant'").fetchall() == [(None,)]
+
+
+def test_tool_call_arguments_nested_too_deeply_are_a_502_and_a_retry_completes(client, llm, alice, app_url):
+    deep = '{"a": ' * 500 + "1" + "}" * 500
+    llm.script(tool_calls([{"id": "c", "name": "add_task", "arguments": deep}]), text("flat this time"))
+    failed = chat(client, alice, "nest", key="nested")
+    assert failed.status_code == 502 and "nested too deeply" in failed.get_json()["error"]["message"]
+    assert [row[0] for row in stored(app_url, alice.id)] == ["user"]
+    assert chat(client, alice, "nest", key="nested").get_json()["response"] == "flat this time"

@@ -6,6 +6,7 @@ directly, and the fake server records exactly what went over the wire.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import socket
 import time
@@ -13,6 +14,7 @@ import traceback
 
 import pytest
 from fake_llm import (
+    Answer,
     FakeChatCompletions,
     flood,
     malformed,
@@ -30,6 +32,7 @@ from hypothesis import strategies as st
 from support import ChatTemplateError, render_strict_chat_template
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
+from chat_blueprint.assistants.completions import MAX_ARGUMENT_DEPTH, MAX_TOOL_CALLS
 from chat_blueprint.assistants.deadlines import Watchdog
 from chat_blueprint.assistants.openai_compatible import MAX_ANSWER_BYTES, OpenAICompatibleAssistant
 from chat_blueprint.config import load_settings
@@ -561,3 +564,76 @@ def test_a_stream_just_under_the_cap_is_read_whole(llm, make_assistant):
     items = list(make_assistant(ASSISTANT_TIMEOUT_S="30").stream(WINDOW, turn=2))
 
     assert len(items[-1].text) > MAX_ANSWER_BYTES - 1024 * 1024
+
+
+ABSURD_COUNTS = {"10**400": 10**400, "10**42": 10**42, "2**63": 2**63, "negative": -1, "fraction": 1.5,
+                 "infinity": float("inf"), "string": "7", "boolean": True, "null": None}
+
+
+@pytest.mark.parametrize("count", ABSURD_COUNTS.values(), ids=ABSURD_COUNTS.keys())
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_usage_beyond_a_bigint_or_not_a_count_is_dropped(llm, make_assistant, mode, count):
+    usage = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": 7}
+    llm.script(text("counted", usage=usage) if mode == "blocking" else streamed(["counted"], usage=usage))
+    assistant = make_assistant()
+
+    reply = assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))[-1]
+
+    assert reply.text == "counted" and reply.usage is None
+
+
+def test_usage_up_to_the_largest_bigint_is_kept(llm, make_assistant):
+    usage = {"prompt_tokens": 0, "completion_tokens": 2**63 - 1, "total_tokens": 2**63 - 1}
+    llm.script(text("counted", usage=usage))
+
+    assert make_assistant().reply(WINDOW, turn=2).usage == usage
+
+
+def nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_ARGUMENT_DEPTH + 1, 500, 5000, 200_000])
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_tool_call_arguments_nested_too_deeply_are_an_assistant_error(llm, make_assistant, mode, depth):
+    call = {"id": "c", "name": "add_task", "arguments": nested(depth)}
+    llm.script(tool_calls([call]) if mode == "blocking" else streamed([], calls=[call]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="nested too deeply"):
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+
+def test_tool_call_arguments_nested_up_to_the_limit_are_kept(llm, make_assistant):
+    llm.script(tool_calls([{"id": "c", "name": "add_task", "arguments": nested(MAX_ARGUMENT_DEPTH)}]))
+
+    arguments = make_assistant().reply(WINDOW, turn=2).tool_calls[0]["arguments"]
+
+    assert json.dumps(arguments) == nested(MAX_ARGUMENT_DEPTH)
+
+
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_a_body_nested_too_deeply_is_a_malformed_answer(llm, make_assistant, mode):
+    """Nesting in a field nobody reads still makes the JSON parser recurse."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    if mode == "blocking":
+        llm.script(malformed(b'{"choices": [], "x": ' + deep + b"}"))
+    else:
+        llm.script(Answer(events=[b'data: {"choices": [], "x": ' + deep + b"}\n\n", b"data: [DONE]\n\n"]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="malformed"):
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+
+def test_more_tool_calls_than_a_reply_may_hold_are_an_assistant_error(llm, make_assistant):
+    """Each new tool-call index costs memory however few bytes it took: their number is bounded."""
+    calls = [{"id": f"c{n}", "name": "t", "arguments": "{}"} for n in range(MAX_TOOL_CALLS + 1)]
+    llm.script(tool_calls(calls), streamed([], calls=calls), tool_calls(calls[:-1]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="too many tool calls"):
+        assistant.reply(WINDOW, turn=2)
+    with pytest.raises(AssistantError, match="too many tool calls"):
+        list(assistant.stream(WINDOW, turn=2))
+    assert len(assistant.reply(WINDOW, turn=2).tool_calls) == MAX_TOOL_CALLS

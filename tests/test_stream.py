@@ -402,6 +402,18 @@ def test_sigterm_lets_streams_in_flight_finish(app_url, llm):
 
 # A hostile model server (issue 24): what it sends can neither cut the stream nor poison what is stored.
 
+@pytest.mark.parametrize("count", [10**400, 10**42], ids=["10**400", "10**42"])
+def test_usage_beyond_a_bigint_is_dropped_not_stored_nor_counted(openai_server, fresh_llm, app_url, count):
+    fresh_llm.script(streamed(["counted"], usage={"prompt_tokens": count, "completion_tokens": 1,
+                                                  "total_tokens": count}, model="absurd-model"))
+    user = make_user()
+    stream = post_stream(openai_server, user, "count this").read()
+    assert_well_formed(stream)
+    assert stream.of("finish")["messageMetadata"]["usage"] is None
+    assert stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])[1][7] is None
+    metrics = requests.get(f"{openai_server.url}/metrics", timeout=10).text
+    assert 'model="absurd-model"' not in metrics
+
 
 def test_a_stream_over_8_mib_is_an_error_event_nothing_is_kept_and_memory_stays_bounded(app_url, llm):
     """A 64 MiB stream: cut at 8 MiB with a 502 `error` then `[DONE]`; the worker's peak
@@ -441,3 +453,14 @@ def test_a_redirect_is_an_error_event_and_its_target_is_never_contacted(openai_s
     assert stream.types == [*EVENT_ORDER_HEAD, "error"] and stream.done
     assert f"HTTP {code}" in stream.of("error")["errorText"]
     assert elsewhere.requests == []
+
+
+def test_tool_call_arguments_nested_too_deeply_are_an_error_event(openai_server, fresh_llm, app_url):
+    deep = '{"a": ' * 500 + "1" + "}" * 500
+    fresh_llm.script(streamed(["calling"], calls=[{"id": "c", "name": "t", "arguments": deep}]))
+    user = make_user()
+    stream = post_stream(openai_server, user, "nest").read()
+    assert stream.types == [*EVENT_ORDER_HEAD, "text-delta", "error"] and stream.done
+    assert "nested too deeply" in stream.of("error")["errorText"]
+    assert [row[1] for row in stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])] \
+        == ["user"]

@@ -179,7 +179,7 @@ class OpenAICompatibleAssistant:
             yield
         except AssistantError:
             raise
-        except (openai.OpenAIError, ValueError) as exc:
+        except (openai.OpenAIError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
             raise self._mapped(exc, deadline) from None
 
     def _mapped(self, exc: Exception, deadline: float) -> AssistantError:
