@@ -402,6 +402,27 @@ def test_sigterm_lets_streams_in_flight_finish(app_url, llm):
 
 # A hostile model server (issue 24): what it sends can neither cut the stream nor poison what is stored.
 
+HOSTILE_PIECES = ["nul \x00 ", "lone \ud800 and \udfff ", "a pair split \ud83d", "\ude00 across chunks", " \U0001f600"]
+HOSTILE_TEXT = "nul \ufffd lone \ufffd and \ufffd a pair split \ufffd\ufffd across chunks \U0001f600"
+HOSTILE_CALLS = [{"id": "call\x00\ud800", "name": "add\udfff", "arguments": {"title": "milk\x00", "\ud800": ["\udfff"]}}]
+STORED_CALLS = [{"id": "call\ufffd\ufffd", "name": "add\ufffd", "arguments": {"title": "milk\ufffd", "\ufffd": ["\ufffd"]}}]
+
+
+def test_nul_and_lone_surrogates_are_streamed_exactly_as_they_are_stored(openai_server, fresh_llm, app_url):
+    fresh_llm.script(streamed(HOSTILE_PIECES, calls=HOSTILE_CALLS, finish_reason="tool_calls",
+                              model="model\x00\ud800"))
+    user = make_user()
+    stream = post_stream(openai_server, user, "say something odd").read()
+    assert_well_formed(stream)
+    row = stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])[1]
+    assert stream.text() == row[2] == HOSTILE_TEXT
+    tools = [event for event in stream.events if event["type"] == "tool-input-available"]
+    assert [(tool["toolCallId"], tool["toolName"], tool["input"]) for tool in tools] == [
+        (call["id"], call["name"], call["arguments"]) for call in STORED_CALLS]
+    assert row[3] == STORED_CALLS
+    assert stream.of("finish")["messageMetadata"]["model"] == row[5] == "model\ufffd\ufffd"
+
+
 @pytest.mark.parametrize("count", [10**400, 10**42], ids=["10**400", "10**42"])
 def test_usage_beyond_a_bigint_is_dropped_not_stored_nor_counted(openai_server, fresh_llm, app_url, count):
     fresh_llm.script(streamed(["counted"], usage={"prompt_tokens": count, "completion_tokens": 1,
