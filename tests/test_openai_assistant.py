@@ -637,3 +637,35 @@ def test_more_tool_calls_than_a_reply_may_hold_are_an_assistant_error(llm, make_
     with pytest.raises(AssistantError, match="too many tool calls"):
         list(assistant.stream(WINDOW, turn=2))
     assert len(assistant.reply(WINDOW, turn=2).tool_calls) == MAX_TOOL_CALLS
+
+
+@pytest.mark.parametrize("code", [500, 302])
+def test_an_error_status_whose_body_trickles_is_cut_off_at_the_timeout(llm, make_assistant, code):
+    """The client reads an error status's body itself, whole and with no deadline: a body
+    trickled for 10 s held the call 10 s past ASSISTANT_TIMEOUT_S=1."""
+    answer = Answer(status=code, body=b"x" * 300, headers={"Location": "http://127.0.0.1:9/"})
+    llm.script(trickled(answer, piece_bytes=10, interval_s=0.3))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="1")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantTimeout):
+        assistant.reply(WINDOW, turn=2)
+
+    assert time.monotonic() - started < 1.6
+
+
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_only_the_head_of_an_error_body_is_read(llm, make_assistant, mode):
+    """A 500 whose body never ends: its status is known at once, and what follows is not
+    waited for (the client would read until a read timed out, or forever). Its code is
+    past the head read, in JSON cut short: the message names the status only."""
+    body = json.dumps({"error": {"message": "x" * (8 * 1024 * 1024), "code": "overloaded"}}).encode()
+    llm.script(trickled(Answer(status=500, body=body), piece_bytes=64 * 1024, interval_s=0, stall_after=4))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="5")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantError) as failure:
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+    assert time.monotonic() - started < 2
+    assert str(failure.value) == "the assistant backend answered HTTP 500"
