@@ -8,6 +8,7 @@ import time
 from ..assistants import Assistant, AssistantError, AssistantTimeout, Reply, stream_reply
 from ..errors import ApiError
 from ..runtime.metrics import observe_assistant, observe_tokens
+from .storable import storable_text
 from .turn_relay import Delta
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ class AssistantFailed(ApiError):
     def __init__(self, status: int, code: str, message: str, pending, headers=None):
         super().__init__(status, code, message, headers, conversation_id=str(pending.conversation_id),
                          user_message_id=pending.user_message_id)
-
 
 
 class Asking:
@@ -41,7 +41,11 @@ class Asking:
         return reply
 
     def stream(self, pending, emit) -> Reply:
-        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it comes."""
+        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it comes.
+
+        Each piece goes out made storable (NUL and lone surrogates as U+FFFD), as
+        `finish` will store the whole reply, so the pieces add up to what is stored
+        and none can break the event it is sent in."""
         started = time.perf_counter()
         try:
             for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
@@ -49,7 +53,7 @@ class Asking:
                     reply = item
                     break
                 if item:
-                    emit(Delta(item))
+                    emit(Delta(storable_text(item)))
             else:
                 raise AssistantError("the assistant's stream ended without a reply")
         except Exception as failure:  # noqa: BLE001 - as in `ask`
