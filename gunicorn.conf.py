@@ -156,3 +156,56 @@ def _json_error(sock, status_int, reason, mesg):
 
 
 gunicorn.util.write_error = _json_error
+
+
+# Request headers: at most 64 KiB together, read in time linear in their size.
+#
+# gunicorn's Python parser (`Request._parse_python`) looks for the blank line
+# that ends the headers by copying and searching its whole buffer again, and
+# counting its line ends, each time a piece arrives (8 KiB at most, one byte
+# if the client trickles), and buffers up to limit_request_fields lines of
+# limit_request_field_size (3.2 MB here) before refusing: one such request
+# cost a worker a second of CPU. gunicorn has no setting for the headers'
+# total, so the method is replaced here, in the master before any worker is
+# forked, by one that searches each byte once and refuses header lines over
+# HEADERS_LIMIT together (each with its CRLF) as 431 through `_json_error`.
+# gunicorn_h1c's parser, which gunicorn would prefer once installed, has no
+# such limit: the Python parser is chosen explicitly.
+# `tests/test_header_limits.py` holds gunicorn's method to the one replaced.
+import re  # noqa: E402
+
+from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders  # noqa: E402
+from gunicorn.http.message import Request  # noqa: E402
+
+HEADERS_LIMIT = 64 * 1024
+http_parser = "python"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _parse_head(self, unreader, buf):
+    """`Request._parse_python` of gunicorn 27 with its header loop bounded and
+    linear: only what each read adds is searched for the blank line and for a
+    bare LF, and no more than HEADERS_LIMIT + 1 bytes are buffered in wait."""
+    while buf[:1] == b"\r" and len(buf) < 2:
+        self.read_into(unreader, buf)
+    if buf[:2] == b"\r\n":
+        del buf[:2]
+    line, buf = self.read_line(unreader, buf, self.limit_request_line)
+    self.parse_request_line(line)
+    searched = 0
+    while not buf.startswith(b"\r\n"):
+        end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+        if end >= 0 and end + 2 <= HEADERS_LIMIT:
+            self.headers = self.parse_headers(bytes(buf[:end]), from_trailer=False)
+            return bytes(buf[end + 4:])
+        if end >= 0 or len(buf) > HEADERS_LIMIT + 1:
+            raise LimitRequestHeaders(f"request headers over {HEADERS_LIMIT // 1024} KiB together")
+        if _BARE_LF.search(buf, searched):
+            raise InvalidHeader("bare LF as line terminator")
+        searched = len(buf)
+        self.read_into(unreader, buf)
+    self.unreader.unread(bytes(buf[2:]))
+    return b""
+
+
+Request._parse_python = _parse_head

@@ -198,8 +198,14 @@ def raw_exchange(url: str, parts, timeout_s: float = 30.0) -> RawResponse:
             body += data
         return RawResponse(int(status_line.split()[1]), headers, body[:length])
     finally:
-        sock.close()
+        # The sender ends before the socket is closed: a descriptor closed under
+        # it could be reused by another thread's connection and written to.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a send blocked on a server that stopped reading fails at once
+        except OSError:
+            pass
         sender.join(timeout_s)
+        sock.close()
 
 
 # The rule strict chat templates enforce (the templates of several open models, as

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
+from urllib.parse import quote
 
 import pytest
 import requests
 from fake_llm import FakeChatCompletions, streamed, text
-from support import gunicorn, make_user
+from support import SECRET, gunicorn, make_user, raw_exchange
+
+from chat_blueprint.auth import mint_token
 
 from devtools.ports import free_port
 
@@ -92,6 +96,30 @@ def test_tokens_and_message_contents_stay_out_of_the_logs(server):
     assert user.token not in output and "forged.token.value" not in output
     assert "hunter2" not in output
     assert "test-secret-for-hs256" not in output
+
+
+UNSAFE = "\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066"
+
+
+def test_line_breaks_and_direction_overrides_from_a_request_are_escaped_in_the_log(server):
+    """The finding: U+2028 and U+202E from a path or a token's `sub` reached the
+    log raw, so one access line was three under str.splitlines() (and a
+    terminal showed it reordered). They are JSON escapes now: each line is one
+    line, and reads back as the request had it."""
+    user_id = f"mallory\u2028{uuid.uuid4().hex}\u202e{UNSAFE}"
+    headers = {"Authorization": f"Bearer {mint_token(SECRET, user_id)}", "X-Request-ID": f"unsafe-{uuid.uuid4()}"}
+    requests.get(f"{server.url}/api/{quote(user_id, safe='')}/tasks", headers=headers, timeout=10)
+    nowhere = f"/nowhere/{UNSAFE}"
+    requests.get(f"{server.url}{quote(nowhere)}", timeout=10)
+    refused = raw_exchange(server.url, [f"GET /{UNSAFE} HTTP/1.1\r\nHost: test\r\n\r\n".encode()])
+    assert refused.status == 400  # gunicorn's own refusal, whose warning line quotes the request line
+    entry = wait_for_log(server, lambda e: e.get("request_id") == headers["X-Request-ID"])
+    assert entry["status"] == 200 and entry["user_id"] == user_id and entry["path"] == f"/api/{user_id}/tasks"
+    wait_for_log(server, lambda e: e.get("path") == nowhere and e.get("status") == 404)
+    wait_for_log(server, lambda e: e.get("logger") == "gunicorn.error" and "Invalid request" in e["message"])
+    output = server.output()
+    assert not any(character in output for character in UNSAFE)
+    assert all(json.loads(line) for line in output.splitlines() if line.strip())
 
 
 def metric_value(text: str, name: str, **labels) -> float:

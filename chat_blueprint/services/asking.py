@@ -22,7 +22,6 @@ class AssistantFailed(ApiError):
                          user_message_id=pending.user_message_id)
 
 
-
 class Asking:
     """One assistant backend, asked for replies to pending turns, timed and counted."""
 
@@ -44,7 +43,11 @@ class Asking:
 
     def stream(self, pending, progress: ReplyProgress, emit) -> Reply:
         """Like `reply`, calling `emit(Delta(text))` for each piece of text as it
-        comes, once `progress` has it (and stored it when a flush was due)."""
+        comes, once `progress` has it (and stored it when a flush was due).
+
+        Each piece goes out made storable (NUL and lone surrogates as U+FFFD), as
+        `finish` will store the whole reply, so the pieces add up to what is stored
+        and none can break the event it is sent in."""
         started = time.perf_counter()
         try:
             for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
