@@ -127,14 +127,46 @@ class StrictBoolean(fields.Boolean):
 
 
 class ChatRequestSchema(StrictSchema):
-    message = Text(required=True, allow_blank=False)
+    message = Text(load_default=None, allow_blank=False, metadata={
+        "description": "the new message (required unless `regenerate`)"})
     conversation_id = fields.UUID(load_default=None, allow_none=True)
     stream = StrictBoolean(load_default=False, metadata={
         "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
+    regenerate = StrictBoolean(load_default=False, metadata={
+        "description": "answer the conversation's last user message again (no `message`): its reply and what "
+                       "follows are superseded"})
+    edit = fields.Integer(load_default=None, validate=validate.Range(min=1, max=2**63 - 1), metadata={
+        "description": "the id of a user message `message` replaces: it and what follows are superseded"})
 
     def __init__(self, *args, max_chars: int = DEFAULT_MESSAGE_MAX_CHARS, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["message"].validators = [validate.Length(min=1, max=max_chars)]
+
+    @validates_schema
+    def what_is_asked(self, data, **kwargs):
+        if data["regenerate"]:
+            extra = [name for name in ("message", "edit") if data[name] is not None]
+            if extra:
+                raise ValidationError({name: ["Not allowed with regenerate."] for name in extra})
+        elif data["message"] is None:
+            raise ValidationError({"message": ["Missing data for required field."]})
+        if (data["regenerate"] or data["edit"] is not None) and data["conversation_id"] is None:
+            raise ValidationError({"conversation_id": ["Required to regenerate or edit."]})
+
+
+class UIChatRequestSchema(Schema):
+    """The body the AI SDK's DefaultChatTransport sends when nothing customises it."""
+
+    class Meta:
+        unknown = EXCLUDE  # fields from the transport's `body` option are ignored
+
+    id = fields.UUID(required=True, metadata={"description": "the chat id: the conversation's id"})
+    messages = fields.List(fields.Dict(), required=True, validate=validate.Length(min=1),
+                           metadata={"description": "UIMessages; only the last (the new one) is read"})
+    trigger = fields.String(required=True, validate=validate.OneOf(("submit-message", "regenerate-message")))
+    messageId = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=255),
+                              metadata={"description": "submit: the user message edited; regenerate: the reply "
+                                                       "answered again"})
 
 
 class ToolCallSchema(Schema):
@@ -212,6 +244,41 @@ class MessagePageSchema(Schema):
     next_cursor = fields.String(required=True, allow_none=True)
 
 
+class UIMessageMetadataSchema(ModelReportSchema):
+    conversation_id = fields.UUID(required=True)
+    message_id = fields.Integer(required=True, attribute="id")
+    status = fields.String(required=True, attribute="current_status", validate=validate.OneOf(REPLY_STATUSES))
+    created_at = UtcDateTime(required=True)
+
+
+class UIMessageSchema(Schema):
+    """A message as the AI SDK's `UIMessage`, for `useChat({ messages })`."""
+
+    id = fields.String(required=True, attribute="ui_id")
+    role = fields.String(required=True, validate=validate.OneOf(("user", "assistant")))
+    parts = fields.Method("ui_parts", required=True, metadata={
+        "type": "array", "items": {"type": "object"},
+        "description": '{"type": "text", "text"}, then per tool call {"type": "tool-<name>", "toolCallId", '
+                       '"state": "input-available", "input"}'})
+    metadata = fields.Method("ui_metadata", required=True, metadata={"type": "object"})
+
+    _metadata = UIMessageMetadataSchema()
+
+    @staticmethod
+    def ui_parts(message) -> list[dict]:
+        return [{"type": "text", "text": message.content}] + [
+            {"type": f"tool-{call['name']}", "toolCallId": call["id"], "state": "input-available",
+             "input": call["arguments"]} for call in message.tool_calls]
+
+    def ui_metadata(self, message) -> dict:
+        return self._metadata.dump(message)
+
+
+class UIMessagePageSchema(Schema):
+    data = fields.List(fields.Nested(UIMessageSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
 def _cursor(description="the next_cursor of the previous page"):
     # A callable default keeps `null` out of the document: a query string cannot carry one.
     return Text(load_default=lambda: None, allow_none=False, validate=validate.Length(max=200),
@@ -235,6 +302,8 @@ class MessagePageQuerySchema(QuerySchema):
     order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))
     include = fields.String(load_default=None, validate=validate.OneOf(("superseded",)),
                             metadata={"description": "superseded: also the messages a newer one replaced"})
+    format = fields.String(load_default=None, validate=validate.OneOf(("ui",)),
+                           metadata={"description": "ui: the AI SDK's UIMessages, for useChat({ messages })"})
 
 
 # The user's data

@@ -9,10 +9,12 @@ from ..db.extensions import db
 from ..errors import invalid_fields
 from ..schemas import ChatRequestSchema
 from ..services import resume as resume_service
+from ..services.rewrites import Rewrite
 from ..services.turns import Replay, Turns
 from . import ui_stream
-from .bodies import json_body
+from .bodies import json_object
 from .guards import user_blueprint
+from .ui_body import is_ui_body, ui_turn
 
 bp = user_blueprint("chat", __name__)
 
@@ -46,11 +48,19 @@ def chat():
     the first event, as a JSON error with its status."""
     settings = current_app.config["SETTINGS"]
     key = _idempotency_key()
-    body = json_body(ChatRequestSchema(max_chars=settings.message_max_chars))
+    data = json_object()
     turns = _turns()
-    turn = turns.request(g.user_id, body["message"], body["conversation_id"], key)
-    if not _wants_stream(body):
-        return turns.run(turn)
+    if is_ui_body(data):  # useChat's own body: always streamed
+        asked = ui_turn(data, settings.message_max_chars)
+        turn = turns.request(g.user_id, asked.message, asked.conversation_id, key, user_ui_id=asked.user_ui_id,
+                             create=True, rewrite=asked.rewrite)
+    else:
+        body = ChatRequestSchema(max_chars=settings.message_max_chars).load(data)
+        rewrite = (Rewrite("regenerate") if body["regenerate"] else
+                   Rewrite("edit", message_id=body["edit"]) if body["edit"] is not None else None)
+        turn = turns.request(g.user_id, body["message"], body["conversation_id"], key, rewrite=rewrite)
+        if not _wants_stream(body):
+            return turns.run(turn)
     started = turns.begin(turn)
     if isinstance(started, Replay):
         return ui_stream.response(ui_stream.replay_events(started))

@@ -13,6 +13,7 @@ from ..schemas import (
     MessagePageQuerySchema,
     MessagePageSchema,
     PageQuerySchema,
+    UIMessagePageSchema,
 )
 from ..services import conversations
 from .bodies import json_body, query_args
@@ -23,6 +24,7 @@ bp = user_blueprint("conversations", __name__)
 conversation_schema = ConversationSchema()
 conversation_page_schema = ConversationPageSchema()
 message_page_schema = MessagePageSchema()
+ui_message_page_schema = UIMessagePageSchema()
 
 
 @bp.get("/conversations")
@@ -67,4 +69,5 @@ def list_messages(conversation_id: uuid.UUID):
     page, next_cursor = conversations.list_messages(db.session, g.user_id, conversation_id, args["limit"],
                                                     args["cursor"], args["order"],
                                                     superseded=args["include"] == "superseded")
-    return message_page_schema.dump({"data": page, "next_cursor": next_cursor})
+    schema = ui_message_page_schema if args["format"] == "ui" else message_page_schema
+    return schema.dump({"data": page, "next_cursor": next_cursor})

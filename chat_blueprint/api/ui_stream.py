@@ -22,9 +22,9 @@ from typing import Iterable, Iterator
 
 from flask import Response
 
+from ..services.pending import PendingTurn, Replay
 from ..services.resume import Ended, Following, Piece
 from ..services.turn_relay import Answered, Delta, Failed, TurnStream
-from ..services.turns import PendingTurn, Replay
 
 HEADERS = {
     "Cache-Control": "no-cache",

@@ -29,9 +29,9 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 
+import psycopg.errors
 from sqlalchemy.engine import Engine
 
 from ..assistants import Assistant, HistoryMessage, Reply
@@ -39,13 +39,15 @@ from ..assistants.deadlines import cancellable
 from ..db import tenancy
 from ..errors import DATABASE_ERRORS, ApiError, database_failure
 from ..schemas import TITLE_PREVIEW_CHARS
-from . import idempotency, rate_limit
+from . import idempotency, rate_limit, rewrites
 from .asking import Asking, AssistantFailed
 from .conversations import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
+from .pending import PendingTurn, Replay, TurnRequest, new_ui_id, window_of
 from .progress import MINDER, ReplyProgress, Stopped
 from .rate_limit import RateLimit
 from .replies import Replies
+from .rewrites import Rewrite
 from .storable import UNSTORABLE
 from .turn_relay import TurnStream
 from .turn_sql import (
@@ -54,7 +56,6 @@ from .turn_sql import (
     LATEST_WINDOW,
     SUPERSEDE_REPLY,
     USER_MESSAGE_TURN,
-    message_chars,
     store_user_message,
 )
 
@@ -66,72 +67,7 @@ STALE_GRACE_S = 30
 # DATABASE_POOL_TIMEOUT_S: the pool (or the CPU behind it) is the bottleneck
 # then, and queueing more only makes every turn late, and then a 503 anyway.
 ADMISSION_WAIT_SHARE = 0.1
-# The statement that stores a user message, by (new conversation?, with the write-limit step?).
-STORE = {(new, step): store_user_message(new, step) for new in (False, True) for step in (False, True)}
-# Answers stored under a key before replies carried the model's report, or a status.
-ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None, "status": "complete"}
-# The keys of an answer in the order `Replies._answer` gives them: a replay reads the answer back from jsonb,
-# which keeps keys in its own order (shortest first), and puts them back in this one.
-ANSWER_KEYS = ("conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
-               "finish_reason", "usage", "status")
-
-@dataclass(frozen=True)
-class TurnRequest:
-    """What a client asked for: a message for a conversation (None: a new one)."""
-
-    user_id: str
-    message: str
-    conversation_id: uuid.UUID | None
-    claim: IdempotencyClaim | None
-
-
-@dataclass(frozen=True)
-class PendingTurn:
-    """A stored user message, and its reply being produced (`streaming`)."""
-
-    user_id: str
-    conversation_id: uuid.UUID
-    user_message_id: int
-    turn: int
-    history: list[HistoryMessage]
-    idempotency_key: str | None
-    reply_id: int
-    reply_ui_id: str
-
-
-def new_ui_id() -> str:
-    """The id a chat UI keys a message by, for a message whose client gave none."""
-    return f"msg-{uuid.uuid4().hex}"
-
-
-@dataclass(frozen=True)
-class Replay:
-    """The stored answer of an earlier request with the same Idempotency-Key,
-    and the id its reply's stream started with (None: stored before it had one)."""
-
-    response: dict
-    ui_id: str | None = None
-
-    @classmethod
-    def of(cls, stored: dict) -> Replay:
-        stored = {**ANSWER_DEFAULTS, **stored}
-        ui_id = stored.pop("ui_id", None)
-        return cls({key: stored[key] for key in ANSWER_KEYS}, ui_id)
-
-
-def _window(rows, max_chars: int) -> list[HistoryMessage]:
-    """The window, oldest first, from its rows newest first (the user message being
-    answered is the first): that message always, whole; then older ones for as long
-    as the window holds at most `max_chars` characters, so it ends at the first one
-    that does not fit. A sum over rows the query returned anyway, no extra query."""
-    window, size = [], 0
-    for role, content, tool_calls in rows:
-        size += message_chars(content, tool_calls)
-        if window and size > max_chars:
-            break
-        window.append(HistoryMessage(role, content, tool_calls))
-    window.reverse()
-    return window
+UI_ID_INDEX = "uq_message_ui_id"
 
 
 class Busy(ApiError):
@@ -170,13 +106,15 @@ class Turns:
                    keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars,
                    admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s, flush_s=settings.stream_flush_s)
 
-    def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
-                key: str | None = None) -> TurnRequest:
+    def request(self, user_id: str, message: str | None, conversation_id: uuid.UUID | None,
+                key: str | None = None, *, user_ui_id: str | None = None, create: bool = False,
+                rewrite: Rewrite | None = None) -> TurnRequest:
         claim = None
         if key is not None:
+            what = {"rewrite": [rewrite.kind, rewrite.message_id, rewrite.ui_id]} if rewrite else {}
             claim = IdempotencyClaim.of(key, message, conversation_id, stale_after_s=self.stale_after_s,
-                                        ttl_s=self.idempotency_ttl_s)
-        return TurnRequest(user_id, message, conversation_id, claim)
+                                        ttl_s=self.idempotency_ttl_s, **what)
+        return TurnRequest(user_id, message, conversation_id, claim, user_ui_id, create, rewrite)
 
     def run(self, request: TurnRequest) -> dict:
         """A blocking turn: the answer, or an ApiError (404, 409, 422, 429, 502, 503, 504)."""
@@ -220,19 +158,27 @@ class Turns:
         """
         if tenancy.queue_age_s(self.engine) > self.admission_wait_s:
             raise Busy()
-        due = rate_limit.take_due_write() if request.claim is None else None
-        with tenancy.transaction(self.engine, request.user_id) as connection:
-            if request.claim is not None:
-                outcome = idempotency.claim(connection, request.user_id, request.claim)
-                outcome.refuse()
-                if outcome.state is KeyState.REPLAY:
-                    return Replay.of(outcome.response)
-                if outcome.state is KeyState.RESUME:
-                    return self._resume(connection, request, outcome)
-            limited = None
-            if self.rate_limit is not None:
-                limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
-            return self._store_user_message(connection, request, due, limited)
+        plain = request.claim is None and request.rewrite is None
+        due = rate_limit.take_due_write() if plain else None
+        try:
+            with tenancy.transaction(self.engine, request.user_id) as connection:
+                if request.claim is not None:
+                    outcome = idempotency.claim(connection, request.user_id, request.claim)
+                    outcome.refuse()
+                    if outcome.state is KeyState.REPLAY:
+                        return Replay.of(outcome.response)
+                    if outcome.state is KeyState.RESUME:
+                        return self._resume(connection, request, outcome)
+                if request.rewrite is not None:
+                    return self._pending(request, *rewrites.rewrite(self, connection, request, new_ui_id))
+                limited = None
+                if self.rate_limit is not None:
+                    limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
+                return self._store_user_message(connection, request, due, limited)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != UI_ID_INDEX:
+                raise
+            raise rewrites.ReplyInProgress() from None  # the same message sent twice at once: the other answers
 
     def _store_user_message(self, connection, request: TurnRequest, due: rate_limit.DueWrite | None,
                             limited: rate_limit.PendingTake | None) -> PendingTurn:
@@ -241,14 +187,16 @@ class Turns:
         both back, so a turn into an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
-                  "limit": self.history_limit, "user_ui_id": new_ui_id(), "reply_ui_id": new_ui_id(),
-                  "stale_after": timedelta(seconds=self.stale_after_s),
+                  "limit": self.history_limit, "user_ui_id": request.user_ui_id or new_ui_id(),
+                  "reply_ui_id": new_ui_id(), "stale_after": timedelta(seconds=self.stale_after_s),
                   **(due.limit.params if due is not None else {})}
+        target = "new" if request.conversation_id is None else "existing_or_new" if request.create else "existing"
         stored, window = connection.cursor(), connection.cursor()
-        stored.execute(STORE[request.conversation_id is None, due is not None], params)
+        stored.execute(store_user_message(target, due is not None, request.user_ui_id is not None), params)
         if request.conversation_id is not None:
             window.execute(LATEST_WINDOW, params)
-        sent = request.claim is None and limited is None
+        # A message the conversation may hold already is looked up in this transaction.
+        sent = request.claim is None and limited is None and request.user_ui_id is None
         if sent:
             # Nothing to undo if the write is refused or the conversation unknown
             # (neither stores anything): send it all in one round trip.
@@ -256,9 +204,12 @@ class Turns:
         try:
             if limited is not None:
                 limited.check()  # 429: the message goes with the rollback
-            admitted, retry_after_s, conversation_id, user_message_id, turn, reply_id = stored.fetchone()
+            admitted, retry_after_s, duplicate, conversation_id, user_message_id, turn, reply_id = stored.fetchone()
             if not admitted:
                 raise rate_limit.RateLimited(retry_after_s, rate_limit.WRITES.what)
+            if duplicate:
+                before = rewrites.sent_before(self, connection, request, new_ui_id)
+                return Replay(*before) if isinstance(before[0], dict) else self._pending(request, *before)
             if user_message_id is None:
                 raise ConversationNotFound()  # rolls back the claim and the rate-limit steps
         except ApiError:
@@ -268,9 +219,15 @@ class Turns:
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
-            history = _window(window.fetchall(), self.history_max_chars)
+            history = window_of(window.fetchall(), self.history_max_chars)
         return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
                            request.claim and request.claim.key, reply_id, params["reply_ui_id"])
+
+    def _pending(self, request: TurnRequest, user_message_id: int, turn: int, window_rows, reply_id: int,
+                 reply_ui_id: str) -> PendingTurn:
+        return PendingTurn(request.user_id, request.conversation_id, user_message_id, turn,
+                           window_of(window_rows, self.history_max_chars), request.claim and request.claim.key,
+                           reply_id, reply_ui_id)
 
     def _resume(self, connection, request: TurnRequest, outcome) -> PendingTurn:
         """Answer again the user message the key's first request stored: the reply
@@ -294,7 +251,7 @@ class Turns:
             raise ConversationNotFound()
         connection.commit()
         return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
-                           _window(window.fetchall(), self.history_max_chars), request.claim.key,
+                           window_of(window.fetchall(), self.history_max_chars), request.claim.key,
                            reply.fetchone()[0], params["reply_ui_id"])
 
     # Step 2
