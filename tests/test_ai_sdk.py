@@ -81,3 +81,24 @@ def test_use_chat_core_resumes_on_a_second_chat_and_stops(app_url, llm):
     reply = result["stoppedMessages"][-1]
     assert reply["status"] == "stopped" and reply["id"] == result["stopRoute"]["assistant_message_id"]
     assert reply["content"] != "".join(pieces) and "".join(pieces).startswith(reply["content"])
+
+
+def test_use_chat_unmodified_sends_regenerates_and_edits(app_url):
+    """Nothing customised: the transport's own body, the chat's own id. After
+    each step the chat's messages (ids, roles, texts) are the server's
+    `?format=ui` page."""
+    user = make_user()
+    with gunicorn(app_url, workers=1) as server:
+        finished = subprocess.run([shutil.which("node"), str(CHECK / "use_chat_check.mjs"), server.url, user.id,
+                                   user.token], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert result["status"] == "ready" and result["errors"] == [], result
+    for step in result["steps"]:
+        assert step["client"] == step["server"], step
+    sizes = [len(step["server"]) for step in result["steps"]]
+    assert sizes == [2, 4, 4, 2], sizes
+    edit = result["steps"][-1]["server"]
+    assert edit[0]["text"] == "first question, edited" and edit[0]["id"] == result["steps"][0]["server"][0]["id"]
+    regenerated = result["steps"][2]["server"]
+    assert regenerated[3]["id"] != result["steps"][1]["server"][3]["id"]
