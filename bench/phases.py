@@ -4,14 +4,17 @@ order they run."""
 from __future__ import annotations
 
 import subprocess
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import ConnectionWatcher, Cpu, Peak, rss_mb
+from bench.lifecycle import LIFECYCLE_CHUNKS, LIFECYCLE_INTERVAL_S, lifecycle
+from bench.measure import ConnectionWatcher, Cpu, Peak, message_writes, rss_mb
 from bench.settings import (
     BASELINE,
     BASELINE_ASSISTANT,
+    BASELINE_PREFIX,
     CONCURRENCIES,
     HEALTHZ_PROBES,
     IN_FLIGHT,
@@ -30,6 +33,7 @@ from bench.settings import (
     STREAM_INTERVAL_S,
     TRICKLING_CLIENTS,
     log,
+    runtime_of,
 )
 from bench.tools import gunicorn, load, openai_env, pgbench, slow_upstream, turns_spec, wrk
 from devtools.cluster import APP_ROLE, DATABASE, SUPERUSER, Cluster
@@ -53,6 +57,23 @@ class Bench:
     @property
     def superuser_url(self) -> str:
         return self.cluster.url(SUPERUSER, DATABASE)
+
+
+def baseline_tree(bench: Bench) -> Path:
+    """The BENCH_BASELINE revision checked out once in the bench's directory (removed with it)."""
+    tree = bench.work / "baseline-tree"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BASELINE], check=True,
+                       capture_output=True)
+    return tree
+
+
+def runtime_args(bench: Bench, runtime: str) -> dict:
+    """The environment (and the app's root) of a runtime phase's server."""
+    if not runtime.startswith(BASELINE_PREFIX):
+        return dict(RUNTIMES[runtime])
+    tree = baseline_tree(bench)
+    return {"root": tree, "PYTHONPATH": str(tree), **RUNTIMES[runtime_of(runtime)]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -175,7 +196,7 @@ def slow(bench: Bench, runtime: str) -> dict:
     """wrk keeps SLOW_CLIENTS turns in flight against an assistant answering after SLOW_ASSISTANT_S."""
     cpu = Cpu(bench.cluster)
     with slow_upstream(SLOW_ASSISTANT_S) as (upstream, base_url), \
-            gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
         warmup(bench, server, f"warmup-slow-{runtime}")
         with ConnectionWatcher(bench.superuser_url) as watcher, cpu.measure(servers=[server], upstreams=[upstream]):
@@ -193,16 +214,19 @@ def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args
     the most memory of all gunicorn processes seen meanwhile."""
     cpu = Cpu(bench.cluster)
     targets = bench.targets[:IN_FLIGHT]
+    written = message_writes(bench.superuser_url)
     with slow_upstream(**upstream_args) as (upstream, base_url), \
-            gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
         load(bench.work, f"warmup-{name}", turns_spec(server, targets, 32, 0, stream))
         with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
                 cpu.measure(servers=[server], upstreams=[upstream]):
             run = load(bench.work, f"{name}-{runtime}",
                        turns_spec(server, targets, IN_FLIGHT, max(SECONDS, 10), stream))
+    time.sleep(1.0)  # the servers' backends have ended: their statistics are in
     run.update(max_db_connections=watcher.max_open, max_active_db_connections=watcher.max_active,
-               max_rss_mb=round(memory.peak, 1), cpu=cpu.report())
+               max_rss_mb=round(memory.peak, 1), cpu=cpu.report(),
+               message_writes_per_turn=round((message_writes(bench.superuser_url) - written) / max(1, run["ok"]), 2))
     log(f"{name} [{runtime}]: {run['per_s']:.0f} turns/s, p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms"
         + (f", first delta p99 {run['first_delta_p99_ms']} ms" if stream else "")
         + f", {run['max_db_connections']} connections, {run['max_rss_mb']:.0f} MB"
@@ -229,7 +253,7 @@ def overload(bench: Bench, runtime: str) -> dict:
     message was stored ("chat turn unanswered"): the goal is none."""
     cpu = Cpu(bench.cluster)
     with slow_upstream(delay_s=IN_FLIGHT_ASSISTANT_S) as (upstream, base_url), \
-            gunicorn(bench.app_url, bench.work, f"overload-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            gunicorn(bench.app_url, bench.work, f"overload-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
         load(bench.work, "warmup-overload", turns_spec(server, bench.targets, 32, 0))
         with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
@@ -245,11 +269,21 @@ def overload(bench: Bench, runtime: str) -> dict:
     return run
 
 
+def lifecycle_phase(bench: Bench) -> dict:
+    """Stops and the stored text's lag (bench/lifecycle.py), on the default runtime."""
+    cpu = Cpu(bench.cluster)
+    with slow_upstream(delay_s=0.0, chunks=LIFECYCLE_CHUNKS, interval_s=LIFECYCLE_INTERVAL_S) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, "lifecycle", **openai_env(base_url)) as server, \
+            cpu.measure(servers=[server], upstreams=[upstream]):
+        found = lifecycle(server.url)
+    return {**found, "cpu": cpu.report()}
+
+
 def slowclients(bench: Bench, runtime: str) -> dict:
     """TRICKLING_CLIENTS connections send a turn's body byte by byte while
     HEALTHZ_PROBES GETs of /healthz, one after another, time the server."""
     cpu = Cpu(bench.cluster)
-    with gunicorn(bench.app_url, bench.work, f"slowclients-{runtime}", **RUNTIMES[runtime]) as server, \
+    with gunicorn(bench.app_url, bench.work, f"slowclients-{runtime}", **runtime_args(bench, runtime)) as server, \
             cpu.measure(servers=[server]):
         spec = {**turns_spec(server, bench.targets[:TRICKLING_CLIENTS], TRICKLING_CLIENTS, 0), "mode": "trickle",
                 "trickle_s": max(SECONDS, 8), "probes": HEALTHZ_PROBES}
@@ -278,4 +312,5 @@ PHASES = {
     "stream": lambda bench, done, runtime: stream(bench, runtime),
     "overload": lambda bench, done, runtime: overload(bench, runtime),
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
+    "lifecycle": lambda bench, done, runtime: lifecycle_phase(bench),
 }

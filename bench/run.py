@@ -14,11 +14,13 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   history      turn latency in conversations of 10 and of 10,000 messages
   rls          pgbench, then the app at a given concurrency, against a copy whose policies admit every row
   baseline     with BENCH_BASELINE=<git revision>: the app at that revision against the working tree
-               (builtin assistant; BENCH_BASELINE_ASSISTANT=openai: against a local server answering at once)
+               (builtin assistant; BENCH_BASELINE_ASSISTANT=openai: against a local server answering at once);
+               with it, a runtime `base:gevent` in BENCH_RUNTIMES runs the phases marked * on that revision too
   slow *       ASSISTANT=openai against a local server answering after 1.0 s, 200 clients (wrk)
   inflight *   1,000 blocking turns in flight against a server answering after 5 s
   stream *     1,000 streaming turns in flight against a server streaming 20 chunks 0.25 s apart
   overload *   3,000 blocking turns against one instance (3x what it holds); refused ones retry after Retry-After
+  lifecycle    100 streamed replies stopped from the API: stop latency, and how far the stored text lags
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
 
 The phases marked * depend on the runtime: they run once per runtime of
@@ -46,6 +48,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -58,12 +61,14 @@ from bench.settings import (
     IN_FLIGHT,
     IN_FLIGHT_ASSISTANT_S,
     RESULTS,
+    ROOT,
     RUNTIME_NAMES,
     RUNTIMES,
     SECONDS,
     STREAM_CHUNKS,
     STREAM_INTERVAL_S,
     log,
+    runtime_of,
 )
 from bench.tools import all_targets, prepare
 from devtools.cluster import Cluster
@@ -146,8 +151,14 @@ def summarize(results: dict) -> dict:
                            "healthz_p99_ms", "healthz_max_ms", "max_db_connections", "max_rss_mb"):
                 summary[f"{prefix}overload_{figure}"] = found[figure]
             summary[f"{prefix}overload_failed"] = failures(found)
+        for name in ("inflight", "stream"):
+            if (found := results.get(key(name, runtime))) is not None:
+                summary[f"{prefix}{name}_message_writes_per_turn"] = found["message_writes_per_turn"]
         if (found := results.get(key("slowclients", runtime))) is not None:
             summary[prefix + "slowclients_healthz_ms"] = found["healthz_max_ms"]
+    if (found := results.get("lifecycle")) is not None:
+        for figure in ("stops", "not_aborted", "stop_p50_ms", "stop_p99_ms", "lag_p50_ms", "lag_p99_ms", "lag_max_ms"):
+            summary[f"lifecycle_{figure}"] = found[figure]
     return summary
 
 
@@ -218,7 +229,7 @@ def raise_open_files_limit() -> None:
 
 def main() -> int:
     phases = selected_phases()
-    unknown = set(RUNTIME_NAMES) - set(RUNTIMES)
+    unknown = {runtime_of(name) for name in RUNTIME_NAMES} - set(RUNTIMES)
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(RUNTIMES)})")
@@ -234,7 +245,7 @@ def main() -> int:
     cluster.start()
     results: dict = {"seconds": SECONDS, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                     "runtimes": {name: RUNTIMES[name] for name in RUNTIME_NAMES}}
+                     "runtimes": {name: RUNTIMES[runtime_of(name)] for name in RUNTIME_NAMES}}
     try:
         bench = Bench(cluster, work, all_targets(), prepare(cluster, norls="rls" in phases))
         for name in phases:
@@ -261,6 +272,9 @@ def main() -> int:
         logs.mkdir(parents=True)
         for path in work.glob("gunicorn-*.log"):
             shutil.copy(path, logs)
+        if (work / "baseline-tree").exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline-tree")],
+                           capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 

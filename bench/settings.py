@@ -38,6 +38,13 @@ RUNTIMES = {
     "gthread64": {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "64"},  # the runtime before gevent
 }
 RUNTIME_NAMES = os.environ.get("BENCH_RUNTIMES", "gevent,gthread").split(",")
+# A runtime named `base:<runtime>` runs the BENCH_BASELINE revision's app (a worktree in the bench's
+# directory) under <runtime>: the runtime phases then compare before and after in one run.
+BASELINE_PREFIX = "base:"
+
+
+def runtime_of(name: str) -> str:
+    return name.removeprefix(BASELINE_PREFIX)
 # The baseline pins its runtime on gunicorn's command line, which any revision's
 # gunicorn.conf.py obeys: gthread, the runtime of revisions before gevent (whose
 # master imported psycopg before a gevent worker could patch it).

@@ -127,31 +127,36 @@ class StrictBoolean(fields.Boolean):
 
 
 class ChatRequestSchema(StrictSchema):
-    message = Text(load_default=None, allow_blank=False, metadata={
-        "description": "the new message (required unless `regenerate`)"})
+    """A new message (native body)."""
+
+    message = Text(required=True, allow_blank=False)
     conversation_id = fields.UUID(load_default=None, allow_none=True)
     stream = StrictBoolean(load_default=False, metadata={
         "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
-    regenerate = StrictBoolean(load_default=False, metadata={
-        "description": "answer the conversation's last user message again (no `message`): its reply and what "
-                       "follows are superseded"})
-    edit = fields.Integer(load_default=None, validate=validate.Range(min=1, max=2**63 - 1), metadata={
-        "description": "the id of a user message `message` replaces: it and what follows are superseded"})
+    regenerate = StrictBoolean(load_default=False, validate=validate.Equal(False),
+                               metadata={"description": "false (see ChatRegenerate)"})
 
     def __init__(self, *args, max_chars: int = DEFAULT_MESSAGE_MAX_CHARS, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["message"].validators = [validate.Length(min=1, max=max_chars)]
 
-    @validates_schema
-    def what_is_asked(self, data, **kwargs):
-        if data["regenerate"]:
-            extra = [name for name in ("message", "edit") if data[name] is not None]
-            if extra:
-                raise ValidationError({name: ["Not allowed with regenerate."] for name in extra})
-        elif data["message"] is None:
-            raise ValidationError({"message": ["Missing data for required field."]})
-        if (data["regenerate"] or data["edit"] is not None) and data["conversation_id"] is None:
-            raise ValidationError({"conversation_id": ["Required to regenerate or edit."]})
+
+class ChatEditSchema(ChatRequestSchema):
+    """A user message replaced: it and every message after it are superseded."""
+
+    conversation_id = fields.UUID(required=True)
+    edit = fields.Integer(required=True, validate=validate.Range(min=1, max=2**63 - 1), metadata={
+        "description": "the id of the conversation's current user message that `message` replaces"})
+
+
+class ChatRegenerateSchema(StrictSchema):
+    """The conversation's last user message answered again: its reply and what
+    follows are superseded."""
+
+    conversation_id = fields.UUID(required=True)
+    regenerate = StrictBoolean(required=True, validate=validate.Equal(True))
+    stream = StrictBoolean(load_default=False, metadata={
+        "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
 
 
 class UIChatRequestSchema(Schema):

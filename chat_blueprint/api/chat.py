@@ -7,7 +7,7 @@ from flask import current_app, g, request
 
 from ..db.extensions import db
 from ..errors import invalid_fields
-from ..schemas import ChatRequestSchema
+from ..schemas import ChatEditSchema, ChatRegenerateSchema, ChatRequestSchema
 from ..services import resume as resume_service
 from ..services.rewrites import Rewrite
 from ..services.turns import Replay, Turns
@@ -34,6 +34,15 @@ def _turns() -> Turns:
     return Turns.from_settings(db.engine, current_app.extensions["assistant"], current_app.config["SETTINGS"])
 
 
+def native_body(data: dict, max_chars: int) -> dict:
+    """Our own body, in one of its three forms: a message, an edit, a regenerate."""
+    if data.get("regenerate") is True:
+        return ChatRegenerateSchema().load(data)
+    if "edit" in data:
+        return ChatEditSchema(max_chars=max_chars).load(data)
+    return ChatRequestSchema(max_chars=max_chars).load(data)
+
+
 def _wants_stream(body: dict) -> bool:
     """`"stream": true`, or `Accept` naming text/event-stream itself (not through */*)."""
     return body["stream"] or any(mimetype == ui_stream.MIMETYPE and quality > 0
@@ -55,10 +64,10 @@ def chat():
         turn = turns.request(g.user_id, asked.message, asked.conversation_id, key, user_ui_id=asked.user_ui_id,
                              create=True, rewrite=asked.rewrite)
     else:
-        body = ChatRequestSchema(max_chars=settings.message_max_chars).load(data)
+        body = native_body(data, settings.message_max_chars)
         rewrite = (Rewrite("regenerate") if body["regenerate"] else
-                   Rewrite("edit", message_id=body["edit"]) if body["edit"] is not None else None)
-        turn = turns.request(g.user_id, body["message"], body["conversation_id"], key, rewrite=rewrite)
+                   Rewrite("edit", message_id=body["edit"]) if "edit" in body else None)
+        turn = turns.request(g.user_id, body.get("message"), body["conversation_id"], key, rewrite=rewrite)
         if not _wants_stream(body):
             return turns.run(turn)
     started = turns.begin(turn)

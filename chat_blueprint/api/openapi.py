@@ -174,6 +174,16 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
                      "deleteConversation"),
     )
+    chat["requestBody"]["content"]["application/json"]["schema"] = {"oneOf": [
+        {"$ref": "#/components/schemas/ChatRequest"}, {"$ref": "#/components/schemas/ChatEdit"},
+        {"$ref": "#/components/schemas/ChatRegenerate"}]}
+    chat["description"] = (
+        "Also takes the body the AI SDK's DefaultChatTransport sends when nothing customises it (UIChatRequest: "
+        "`{id, messages, trigger, messageId?}`, other fields ignored; always streamed): `id` is the conversation's "
+        "id (an id this user has no conversation under starts one), the last of `messages` is the new user "
+        "message (its `id` becomes the message's `ui_id`; sent again, the turn is replayed), `messageId` with "
+        "`submit-message` edits the user message with that `ui_id`, and `regenerate-message` answers again the "
+        "user message its reply (by `ui_id`, else the last) answered.")
     chat["responses"]["200"]["content"]["text/event-stream"] = UI_MESSAGE_STREAM
     chat["responses"]["200"]["headers"] = {"x-vercel-ai-ui-message-stream": {
         "description": "`v1` on a streamed answer", "required": False, "schema": {"type": "string"}}}
@@ -197,6 +207,11 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
                                  errors=WRITE_ERRORS),
         },
     )
+    messages = _operation("listMessages", "Page through a conversation's messages", "200",
+                          "a page of messages (with `format=ui`, as the AI SDK's UIMessages)", "MessagePage",
+                          query=schemas.MessagePageQuerySchema, errors=(*READ_ERRORS, "422"))
+    messages["responses"]["200"]["content"]["application/json"]["schema"] = {"oneOf": [
+        {"$ref": "#/components/schemas/MessagePage"}, {"$ref": "#/components/schemas/UIMessagePage"}]}
     resume = _operation("resumeStream", "Follow the conversation's reply being produced, from its start",
                         "200", "the reply's stream, as the turn that produces it sends it", errors=READ_ERRORS)
     resume["responses"]["200"]["content"] = {"text/event-stream": UI_MESSAGE_STREAM}
@@ -215,9 +230,7 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}/messages",
         parameters=[USER_ID, CONVERSATION_ID],
-        operations={"get": _operation("listMessages", "Page through a conversation's messages",
-                                      "200", "a page of messages", "MessagePage",
-                                      query=schemas.MessagePageQuerySchema, errors=(*READ_ERRORS, "422"))},
+        operations={"get": messages},
     )
 
 
@@ -293,7 +306,10 @@ def _document(message_max_chars: int) -> dict:
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     spec.components.schema("Task", schema=schemas.TaskSchema)
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
-    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage", "Stop", "Export"):
+    spec.components.schema("ChatRequest", schema=schemas.ChatRequestSchema(max_chars=message_max_chars))
+    spec.components.schema("ChatEdit", schema=schemas.ChatEditSchema(max_chars=message_max_chars))
+    for component in ("ChatRegenerate", "UIChatRequest", "Conversation", "Message", "ChatResponse",
+                      "ConversationPage", "MessagePage", "UIMessagePage", "Stop", "Export"):
         spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
     _task_paths(spec)
     _chat_paths(spec, message_max_chars)
