@@ -88,6 +88,27 @@ def test_export_holds_exactly_the_users_rows(client, alice, bob, app_url):
     assert "bob" not in text and bob.id not in text
 
 
+def test_archived_conversations_and_feedback_are_exported(client, alice):
+    """The export holds every conversation, archived ones too (the list
+    leaves them out), with archived, pinned and each message's feedback."""
+    seed_through_the_api(client, alice, "alice")
+    conversations = get_json(client, alice, "/conversations")["data"]
+    archived, pinned = conversations[0]["id"], conversations[1]["id"]
+    for conversation_id, change in ((archived, {"archived": True}), (pinned, {"pinned": True})):
+        assert client.patch(f"/api/{alice.id}/conversations/{conversation_id}", json=change,
+                            headers=alice.headers).status_code == 200
+    reply = get_json(client, alice, f"/conversations/{pinned}/messages")["data"][1]
+    rated = client.put(f"/api/{alice.id}/conversations/{pinned}/messages/{reply['id']}/feedback",
+                       json={"rating": "down", "comment": "too long"}, headers=alice.headers)
+    assert rated.status_code == 200
+    document = export(client, alice)
+    exported = {conversation["id"]: conversation for conversation in document["conversations"]}
+    assert (exported[archived]["archived"], exported[archived]["pinned"]) == (True, False)
+    assert (exported[pinned]["archived"], exported[pinned]["pinned"]) == (False, True)
+    assert exported[pinned]["messages"][1]["feedback"] == rated.get_json()["feedback"]
+    assert [message["feedback"] for message in exported[archived]["messages"]] == [None, None]
+
+
 def test_export_of_a_user_with_nothing(client):
     nobody = make_user("nobody")
     document = export(client, nobody)
@@ -294,11 +315,12 @@ CONVERSATIONS = 5
 MAX_GROWTH_MB = 50
 
 
-def seed_many_messages(owner_url: str, user_id: str) -> None:
+def seed_many_messages(app_url: str, user_id: str) -> None:
     """EXPORTED_MESSAGES messages of MESSAGE_CHARS characters in CONVERSATIONS
-    conversations, written in SQL as the owner (under the policy, bound to the user)."""
+    conversations, written in SQL as the app role, bound to the user (the
+    owner may not: outside a search it reads no conversation, policies/search.sql)."""
     per_conversation = EXPORTED_MESSAGES // CONVERSATIONS
-    with connect(owner_url, user_id) as conn:
+    with connect(app_url, user_id) as conn:
         for n in range(CONVERSATIONS):
             conversation_id = conn.execute(
                 "insert into conversation (user_id, title, message_count, turn_count) values (%s, %s, %s, %s)"
@@ -322,12 +344,12 @@ def memory_kb(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def test_an_export_of_50000_messages_keeps_the_workers_memory_bounded(app_url, owner_url, capsys):
+def test_an_export_of_50000_messages_keeps_the_workers_memory_bounded(app_url, capsys):
     """The worker's resident set may grow by less than MAX_GROWTH_MB while it
     writes about 55 MB of JSON: a server that built the document in memory
     would hold all of it at once. Peak RSS (VmHWM) is reset just before."""
     big, small = make_user("big"), make_user("small")
-    seed_many_messages(owner_url, big.id)
+    seed_many_messages(app_url, big.id)
     with gunicorn(app_url, workers=1, threads=4) as server:
         pid = worker_pid(server.process.pid)
         for _ in range(3):  # warm up: imports, pools, first-request caches
