@@ -172,8 +172,11 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
         body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
         errors=(*BODY_ERRORS, "409", "502", "504"),
-        links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
-                     "deleteConversation"),
+        links={**_links("/conversation_id", "conversation_id", "getConversation", "listMessages",
+                        "renameConversation", "deleteConversation"),
+               "giveFeedback": {"operationId": "giveFeedback", "parameters": {
+                   "user_id": "$request.path.user_id", "conversation_id": "$response.body#/conversation_id",
+                   "message_id": "$response.body#/assistant_message_id"}}},
     )
     chat["responses"]["200"]["content"]["text/event-stream"] = UI_MESSAGE_STREAM
     chat["responses"]["200"]["headers"] = {"x-vercel-ai-ui-message-stream": {
