@@ -28,7 +28,7 @@ from .extensions import db
 NOT_BLANK_USER = "user_id <> ''"
 BIGINT_MAX = 2**63 - 1  # the largest id a bigint column holds
 # Text search reads search_text(...) (migration 0007: the first SEARCHED_CHARS
-# characters, lowercased, punctuation made spaces) with the `simple`
+# characters, lowercased by ICU) with the `simple`
 # configuration (no stemming, any language); policies/search.sql and the
 # indexes below must say the same, or the index is not used.
 SEARCH_CONFIG = "simple"

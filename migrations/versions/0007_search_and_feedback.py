@@ -13,12 +13,11 @@
   search.sql for the function and policies that let a search use them under RLS.
 - search_text(), what both sides of a search read: the first 50,000
   characters (which bounds a tsvector far below PostgreSQL's 1 MB), lowercased
-  by ICU and with everything but letters and digits made a space, so that
-  case, curly quotes and CJK punctuation behave alike whatever the database's
-  locale (with LC_CTYPE C, PostgreSQL lowercases ASCII only and counts every
-  other character as a letter). In PL/pgSQL with COST 1000, so that it is
-  never inlined and the planner knows a filter on it is dear: it then prefers
-  the GIN index to reading every title of the user through the list's index.
+  by ICU, so that a search ignores the case of every letter whatever the
+  database's locale (with LC_CTYPE C, PostgreSQL lowercases ASCII only). In
+  PL/pgSQL with COST 1000, so that it is never inlined and the planner knows
+  a filter on it is dear: it then prefers the GIN index to reading every
+  title of the user through the list's index.
   A downgrade leaves btree_gin installed: it may have been there before, for
   other indexes.
 
@@ -59,7 +58,7 @@ def upgrade():
             LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE COST 1000
             AS $body$
             BEGIN
-                RETURN regexp_replace(lower(left(document, 50000) COLLATE "und-x-icu"), '[^[:alnum:]]+', ' ', 'g');
+                RETURN lower(left(document, 50000) COLLATE "und-x-icu");
             END
             $body$;
 
