@@ -75,11 +75,13 @@ def seed(cluster: Cluster) -> None:
     log(f"search: seeding {SEARCH_USERS} users x {SEARCH_CONVERSATIONS} conversations x {SEARCH_MESSAGES} messages")
     with psycopg.connect(cluster.url(SUPERUSER, SEARCH_DATABASE), autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
+        conn.execute("SET work_mem = '256MB'")  # the sentences' hash table, in memory
         definitions = [row[0] for row in conn.execute(
             "SELECT indexdef FROM pg_indexes WHERE indexname = ANY(%s)", (list(SEARCH_INDEXES),))]
         conn.execute("DROP INDEX " + ", ".join(SEARCH_INDEXES))
         for statement in SEED_SQL.split(";\n\n"):
             conn.execute(statement)
+        log("search: building the text-search indexes")
         for definition in definitions:
             conn.execute(definition)
         conn.execute("VACUUM ANALYZE")
