@@ -97,6 +97,7 @@ TYPED = {
     "-": "none", "'": "none", "''": "none", "\\": "none", "&|!()": "none", "oat -milk": "both",
     "o'at": "none", "milk's": "none", "%": "none", "_": "none", "*": "none", ":": "none", "<->": "none",
     "a:b": "none", "$9": "none", "%(words)s": "none", "{oat}": "both", "oat;drop table message": "none",
+    "   ": "none", "\t": "none", "OAT\u3000MILK": "both",
 }
 
 
