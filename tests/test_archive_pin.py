@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import uuid
+from datetime import datetime
 
 import pytest
+from psycopg import sql
+from sqlalchemy import event
+from support import connect
+
+from chat_blueprint.db.extensions import db
 
 
 def chat(client, user, message, conversation_id=None) -> str:
@@ -109,3 +117,46 @@ def test_a_cursor_with_a_bad_pinned_flag_is_422(client, alice, values):
     response = client.get(f"/api/{alice.id}/conversations", query_string={"cursor": cursor_of(*values)},
                           headers=alice.headers)
     assert response.status_code == 422 and list(response.get_json()["error"]["fields"]) == ["cursor"]
+
+
+SQL_TYPES = {str: "text", bool: "boolean", int: "bigint", datetime: "timestamptz", uuid.UUID: "uuid"}
+
+
+@pytest.mark.parametrize("archived, index", [("false", "ix_conversation_user_listed"),
+                                             ("true", "ix_conversation_user_archived")])
+def test_the_list_reads_its_page_off_an_index(app, app_url, alice, archived, index):
+    """The list's statement, as the app sends it (a cursor too), as a generic
+    plan (what a prepared statement may use): an index scan of the partial
+    index for that side, in the list's order, that stops after the page."""
+    client = app.test_client()
+    ids = [chat(client, alice, f"indexed {n}") for n in range(3)]
+    for conversation_id in ids:
+        patch(client, alice, conversation_id, archived=archived == "true")
+    sent = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append((statement, parameters))
+
+    with app.app_context():
+        event.listen(db.engine, "before_cursor_execute", record)
+        try:
+            first = client.get(f"/api/{alice.id}/conversations?limit=1&archived={archived}", headers=alice.headers)
+            client.get(f"/api/{alice.id}/conversations?limit=1&archived={archived}&cursor="
+                       f"{first.get_json()['next_cursor']}", headers=alice.headers)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", record)
+    statements = [(statement, parameters) for statement, parameters in sent if "ORDER BY" in statement]
+    assert len(statements) == 2
+    with connect(app_url, alice.id) as conn:
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        for n, (statement, parameters) in enumerate(statements):
+            names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", statement)))
+            for position, name in enumerate(names, 1):
+                statement = statement.replace(f"%({name})s", f"${position}")
+            types = [SQL_TYPES[type(parameters[name])] for name in names]
+            conn.execute(f"PREPARE page_{n} ({', '.join(types)}) AS {statement}")
+            values = sql.SQL(", ").join(sql.Literal(parameters[name]) for name in names)  # a utility statement
+            plan = "\n".join(row[0] for row in conn.execute(                                # takes no parameters
+                sql.SQL("EXPLAIN EXECUTE {}({})").format(sql.Identifier(f"page_{n}"), values)))
+            assert "$1" in plan  # a generic plan: the values are not in it
+            assert f"Index Scan using {index} on conversation" in plan and "Sort" not in plan, plan

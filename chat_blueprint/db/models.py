@@ -58,8 +58,12 @@ class Conversation(db.Model):
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
         UniqueConstraint("id", "user_id"),
-        Index("ix_conversation_user_listed", "user_id", "archived", text("pinned DESC"), text("updated_at DESC"),
-              text("id DESC")),
+        # The list always names archived or not (a literal, so these partial
+        # indexes apply); a search's titles, which do not, take the GIN index.
+        Index("ix_conversation_user_listed", "user_id", text("pinned DESC"), text("updated_at DESC"), text("id DESC"),
+              postgresql_where=text("NOT archived")),
+        Index("ix_conversation_user_archived", "user_id", text("pinned DESC"), text("updated_at DESC"),
+              text("id DESC"), postgresql_where=text("archived")),
         Index("ix_conversation_search", "user_id",
               text(f"to_tsvector('{SEARCH_CONFIG}'::regconfig, search_text(title))"), postgresql_using="gin"),
     )

@@ -96,10 +96,11 @@ def list_conversations(session: Session, user_id: str, limit: int, cursor: str |
                        q: str | None = None) -> tuple[list[dict], str | None]:
     """A page of the user's conversations, the archived ones or the others:
     pinned first, each group most recently updated first, keyset-paginated on
-    (pinned, updated_at, id) along ix_conversation_user_listed. With `q`, only
-    those holding every word of it, each with its `snippet`."""
-    query = select(*Conversation.__table__.columns).where(Conversation.user_id == user_id,
-                                                          Conversation.archived == archived)
+    (pinned, updated_at, id) along ix_conversation_user_listed (or _archived:
+    the condition is written as a literal so that the partial index applies).
+    With `q`, only those holding every word of it, each with its `snippet`."""
+    kept = Conversation.archived if archived else ~Conversation.archived
+    query = select(*Conversation.__table__.columns).where(Conversation.user_id == user_id, kept)
     if cursor is not None:
         after = pagination.decode_conversation(cursor)
         query = query.where(tuple_(Conversation.pinned, Conversation.updated_at, Conversation.id) < tuple_(*after))
