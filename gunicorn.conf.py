@@ -24,6 +24,7 @@ import http
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,10 +73,11 @@ if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chat-metrics-")
 
 
-# The master imports nothing of the app (its log formatter aside, which is
-# stdlib only): a gevent worker must monkey-patch the standard library before
-# Flask, psycopg or the ssl module are imported, and workers inherit whatever
-# the master imported. Hence the start-up check runs as its own process.
+# The master imports nothing of the app but two stdlib-only modules, its log
+# formatter and, for the banner, its settings: a gevent worker must
+# monkey-patch the standard library before Flask, psycopg or the ssl module
+# are imported, and workers inherit whatever the master imported. Hence the
+# start-up check runs as its own process.
 
 
 def on_starting(server):
@@ -86,6 +88,35 @@ def on_starting(server):
         print(refusal, file=sys.stderr, flush=True)
         server.log.error(refusal)
         sys.exit(1)
+
+
+def when_ready(server):
+    """One line saying what serves, once the start-up check passed: the assistant (`builtin`, or `openai`
+    with its model and the host of ASSISTANT_BASE_URL, never its credentials, path or query), the workers
+    and their class. An operator reading why turns fail (a 502 naming a host) sees here what was meant."""
+    from urllib.parse import urlsplit
+
+    from chat_blueprint.config import load_settings
+
+    settings = load_settings()
+    assistant = settings.assistant
+    if assistant == "openai":
+        host = urlsplit(settings.assistant_base_url).netloc.rpartition("@")[2]
+        assistant = f"openai {settings.assistant_model} at {host}"
+    cfg, kind = server.cfg, server.cfg.worker_class_str
+    each = (f", {cfg.threads} threads each" if kind == "gthread" else
+            f", {cfg.worker_connections} connections each" if kind.startswith("gevent") else "")
+    server.log.info("Serving with assistant %s; %d %s worker%s%s", assistant, cfg.workers, kind,
+                    "" if cfg.workers == 1 else "s", each)
+
+
+def post_worker_init(worker):
+    """A worker leaves Ctrl-C to the master. A terminal's Ctrl-C signals every process of the group, so
+    each worker heard SIGINT from the terminal and then SIGQUIT from the master (whose answer to SIGINT
+    is to quit its workers); under gevent each of the two raised its own SystemExit, and the second
+    one, arriving while the worker was already exiting, was printed as a traceback. Ignoring SIGINT
+    here leaves one signal per worker, the master's, and a clean exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def child_exit(server, worker):
@@ -125,3 +156,56 @@ def _json_error(sock, status_int, reason, mesg):
 
 
 gunicorn.util.write_error = _json_error
+
+
+# Request headers: at most 64 KiB together, read in time linear in their size.
+#
+# gunicorn's Python parser (`Request._parse_python`) looks for the blank line
+# that ends the headers by copying and searching its whole buffer again, and
+# counting its line ends, each time a piece arrives (8 KiB at most, one byte
+# if the client trickles), and buffers up to limit_request_fields lines of
+# limit_request_field_size (3.2 MB here) before refusing: one such request
+# cost a worker a second of CPU. gunicorn has no setting for the headers'
+# total, so the method is replaced here, in the master before any worker is
+# forked, by one that searches each byte once and refuses header lines over
+# HEADERS_LIMIT together (each with its CRLF) as 431 through `_json_error`.
+# gunicorn_h1c's parser, which gunicorn would prefer once installed, has no
+# such limit: the Python parser is chosen explicitly.
+# `tests/test_header_limits.py` holds gunicorn's method to the one replaced.
+import re  # noqa: E402
+
+from gunicorn.http.errors import InvalidHeader, LimitRequestHeaders  # noqa: E402
+from gunicorn.http.message import Request  # noqa: E402
+
+HEADERS_LIMIT = 64 * 1024
+http_parser = "python"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def _parse_head(self, unreader, buf):
+    """`Request._parse_python` of gunicorn 27 with its header loop bounded and
+    linear: only what each read adds is searched for the blank line and for a
+    bare LF, and no more than HEADERS_LIMIT + 1 bytes are buffered in wait."""
+    while buf[:1] == b"\r" and len(buf) < 2:
+        self.read_into(unreader, buf)
+    if buf[:2] == b"\r\n":
+        del buf[:2]
+    line, buf = self.read_line(unreader, buf, self.limit_request_line)
+    self.parse_request_line(line)
+    searched = 0
+    while not buf.startswith(b"\r\n"):
+        end = buf.find(b"\r\n\r\n", max(0, searched - 3))
+        if end >= 0 and end + 2 <= HEADERS_LIMIT:
+            self.headers = self.parse_headers(bytes(buf[:end]), from_trailer=False)
+            return bytes(buf[end + 4:])
+        if end >= 0 or len(buf) > HEADERS_LIMIT + 1:
+            raise LimitRequestHeaders(f"request headers over {HEADERS_LIMIT // 1024} KiB together")
+        if _BARE_LF.search(buf, searched):
+            raise InvalidHeader("bare LF as line terminator")
+        searched = len(buf)
+        self.read_into(unreader, buf)
+    self.unreader.unread(bytes(buf[2:]))
+    return b""
+
+
+Request._parse_python = _parse_head

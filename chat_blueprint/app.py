@@ -18,7 +18,9 @@ from .db.isolation import IsolationWatch
 from .errors import register_error_handlers
 from .runtime import body_guard, cors, metrics, request_log
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# Package data (setup.cfg), so an installed wheel migrates as a checkout does;
+# the revisions read their policies from the package's policies/.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def create_app(test_config: dict | None = None) -> Flask:

@@ -33,6 +33,10 @@ KEY_ALGORITHMS = {
     ("OKP", "Ed448"): ("EdDSA",),
 }
 MAX_TOKEN_BYTES = 16 * 1024
+# A user id is 1..255 characters (CONTRACT section 3): every key leads with it,
+# and a much longer one (a few thousand random characters) overflows a B-tree
+# index row, so that every write of its user failed as a 503.
+MAX_USER_ID_CHARS = 255
 LEEWAY_S = 5
 JWKS_LIFESPAN_S = 300
 JWKS_MIN_INTERVAL_S = 1.0
@@ -271,6 +275,8 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
             raise Unauthorized("the token has no usable subject")
+        if len(subject) > MAX_USER_ID_CHARS:
+            raise Unauthorized(f"the token's subject is over {MAX_USER_ID_CHARS} characters")
         iat = claims.get("iat")
         if isinstance(iat, (int, float)) and iat > time.time() + LEEWAY_S:
             raise Unauthorized("the token was issued in the future")

@@ -64,14 +64,18 @@ def register_commands(app) -> None:
         """Delete idempotency keys older than IDEMPOTENCY_TTL_S and idle rate-limit rows.
 
         Run it with the owner's DATABASE_URL (the one `db upgrade` uses), or a
-        role the owner granted EXECUTE on the prune functions.
+        role the owner granted EXECUTE on the prune functions, and the app's
+        IDEMPOTENCY_TTL_S and ASSISTANT_TIMEOUT_S: a TTL shorter than
+        ASSISTANT_TIMEOUT_S + 30 s is refused, and a key still running is kept.
         """
         from .services import retention
 
         _require_database()
         settings = current_app.config["SETTINGS"]
         try:
-            pruned = retention.prune(db.engine, settings.idempotency_ttl_s, batch_size)
+            pruned = retention.prune(db.engine, settings.idempotency_ttl_s, batch_size, settings.assistant_timeout_s)
+        except retention.TtlTooShort as exc:
+            raise click.ClickException(str(exc)) from None
         except sa_exc.DBAPIError as exc:
             raise click.ClickException(_prune_failure(exc.orig)) from None
         finally:

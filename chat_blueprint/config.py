@@ -30,6 +30,9 @@ DEFAULT_ISOLATION_CHECK_INTERVAL_S = 60.0
 DEFAULT_WRITE_RATE_LIMIT = (600, 60)
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
 DEFAULT_LOCK_TIMEOUT_S = 5.0
+DEFAULT_EXPORT_RATE_LIMIT = (6, 3600)
+DEFAULT_EXPORT_MAX_BYTES = 512 * 1024**2  # a spooled export's file; a user whose document is larger gets a 507
+DEFAULT_EXPORT_CONCURRENCY = 4  # exports spooled or being sent at once, per worker process
 MAX_BODY_BYTES = 1024 * 1024  # a request body, chunked or not (413 beyond)
 
 
@@ -64,6 +67,9 @@ class Settings:
     cors_origins: tuple[str, ...] | None  # ("*",) for every origin
     statement_timeout_s: float
     lock_timeout_s: float
+    export_rate_limit: tuple[int, int] | None  # (exports, period in seconds) per user; None: off
+    export_max_bytes: int
+    export_concurrency: int
 
     def require_auth(self) -> None:
         """Serving and minting need a way to verify tokens."""
@@ -274,6 +280,9 @@ def load_settings(env=None, *, require_database: bool = True) -> Settings:
         cors_origins=_origins(env, "CORS_ORIGINS"),
         statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_STATEMENT_TIMEOUT_S),
         lock_timeout_s=_float(env, "DATABASE_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S),
+        export_rate_limit=_rate(env, "EXPORT_RATE_LIMIT", DEFAULT_EXPORT_RATE_LIMIT),
+        export_max_bytes=_int(env, "EXPORT_MAX_BYTES", DEFAULT_EXPORT_MAX_BYTES, minimum=1024, maximum=1024**4),
+        export_concurrency=_int(env, "EXPORT_CONCURRENCY", DEFAULT_EXPORT_CONCURRENCY, maximum=1_000),
     )
     if settings.stream_keepalive_s > DEFAULT_STREAM_KEEPALIVE_S:
         raise ConfigError(f"CHAT_STREAM_KEEPALIVE_S must be at most {DEFAULT_STREAM_KEEPALIVE_S:g} "

@@ -10,7 +10,7 @@ import psycopg.errors
 from flask import Flask, jsonify
 from marshmallow import ValidationError
 from sqlalchemy import exc as sa_exc
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ DATABASE_ERRORS = (psycopg.OperationalError, sa_exc.OperationalError, sa_exc.Int
 # larger than itself; the whole answer stays well under 64 KiB.
 FIELDS_BUDGET_BYTES = 32 * 1024
 FIELD_NAME_MAX_CHARS = 100
+
+# A path no route matches, a malformed id in it included (`/tasks/abc`, `/conversations/not-a-uuid`), is
+# Werkzeug's 404 with a paragraph written for a browser; the API says it in a line, and what an id looks like.
+NO_ROUTE_MESSAGE = "no such route: a task id is a positive integer, a conversation id a UUID"
 
 
 class ApiError(Exception):
@@ -115,7 +119,10 @@ def register_error_handlers(app: Flask) -> None:
         headers = {}
         if error.code == 405 and getattr(error, "valid_methods", None):
             headers["Allow"] = ", ".join(error.valid_methods)
-        return error_response(error.code or 500, _snake(error.name), error.description or error.name, headers)
+        message = error.description or error.name
+        if isinstance(error, NotFound) and error.description == NotFound.description:
+            message = NO_ROUTE_MESSAGE
+        return error_response(error.code or 500, _snake(error.name), message, headers)
 
     def database_unavailable(error):
         log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)

@@ -22,6 +22,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .settings import check_app_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "chat"
 OWNER_ROLE = "chat_owner"
@@ -167,8 +169,10 @@ class Cluster:
 
 def migrate(cluster: Cluster, env: dict, *, database: str = DATABASE, quiet: bool = False) -> None:
     """`flask db upgrade` of `database` as the owner, exactly as in production;
-    `quiet` discards its output (the benchmark's)."""
+    `quiet` discards its output (the benchmark's). A setting the app refuses
+    is a SettingError, in one line, before the command runs."""
+    env = {**env, "DATABASE_URL": cluster.url(OWNER_ROLE, database), "APP_DB_ROLE": APP_ROLE}
+    check_app_settings(env)
     output = subprocess.DEVNULL if quiet else None
-    subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"], check=True, cwd=ROOT,
-                   env={**env, "DATABASE_URL": cluster.url(OWNER_ROLE, database), "APP_DB_ROLE": APP_ROLE},
+    subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"], check=True, cwd=ROOT, env=env,
                    stdout=output, stderr=output)

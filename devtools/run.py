@@ -3,6 +3,7 @@ gunicorn until Ctrl-C; and tokens signed like the ones `make run` prints."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import signal
@@ -14,9 +15,10 @@ import psycopg
 
 from chat_blueprint.auth import mint_token
 
-from .cluster import APP_ROLE, Cluster, ClusterError, find_bindir, migrate
+from .cluster import APP_ROLE, DATABASE, Cluster, ClusterError, find_bindir, migrate
 from .ports import PortError, port_setting, require_free_port
 from .server import ServerError, serve
+from .settings import SettingError, check_serving_settings
 
 
 def dev_secret(root: Path) -> str:
@@ -73,11 +75,39 @@ def greeting(base: str, user: str, token: str, secret_hint: str) -> str:
     ])
 
 
+class QuietStop:
+    """gunicorn's output as `make run` shows it: every line while it serves; once a stop was asked for,
+    not gunicorn's own routine INFO lines (the signal, each worker exiting, the master shutting down), so
+    that a Ctrl-C ends in the one line `run` prints. Its warnings and errors, and whatever is not one of
+    its JSON log lines (a traceback), still show."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def __call__(self, line: str) -> None:
+        if self.stopping and _gunicorn_info(line):
+            return
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _gunicorn_info(line: str) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("logger") == "gunicorn.error" and entry.get("level") == "INFO"
+
+
 def run(root: Path) -> int:
     """Start the cluster, migrate, and serve with gunicorn until Ctrl-C."""
     port = port_setting("PORT", 8000)
     db_port = port_setting("DEV_DB_PORT", 54329)
     host = os.environ.get("HOST", "127.0.0.1")
+    # The settings gunicorn will serve with, before anything starts; the database and the secret
+    # are make run's own (a stand-in for the dev secret, which is made later when none is set).
+    check_serving_settings({**os.environ, "DATABASE_URL": f"postgresql://{APP_ROLE}@127.0.0.1:{db_port}/{DATABASE}",
+                            "BETTER_AUTH_SECRET": os.environ.get("BETTER_AUTH_SECRET") or "dev secret"})
     lock = hold_run_lock(root)
     require_free_port(host, port, "PORT")
     cluster = Cluster(root, db_port)
@@ -93,9 +123,11 @@ def run(root: Path) -> int:
         env = {**os.environ, "BETTER_AUTH_SECRET": secret}
         migrate(cluster, env)
         env.update(DATABASE_URL=cluster.url(APP_ROLE))
-        with serve(env, host=host, port=port, wait=False) as server:
+        output = QuietStop()
+        with serve(env, host=host, port=port, relay=output, wait=False) as server:
 
             def forward(signum, frame):
+                output.stopping = True
                 if server.process.poll() is None:
                     server.process.send_signal(signum)
 
@@ -155,12 +187,14 @@ def main(argv=None) -> int:
         if argv[:1] == ["install"]:
             print(find_bindir())
             return 0
-    except (ClusterError, PortError) as exc:
+    except (ClusterError, PortError, SettingError) as exc:
         print(f"make {argv[0]}: {exc}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as exc:
-        print(f"make {argv[0]}: {_what_failed(exc.cmd)} failed with status {exc.returncode} (its messages are above; "
-              f"PostgreSQL's log is {root / 'postgres.log'})", file=sys.stderr)
+        what = _what_failed(exc.cmd)
+        where = "" if what == "flask db upgrade" else f"; PostgreSQL's log is {root / 'postgres.log'}"
+        print(f"make {argv[0]}: {what} failed with status {exc.returncode} (its messages are above{where})",
+              file=sys.stderr)
         return 1
     except psycopg.OperationalError as exc:
         print(f"make {argv[0]}: the private PostgreSQL did not answer: {str(exc).strip().splitlines()[0]}",

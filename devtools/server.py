@@ -18,8 +18,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,22 +92,30 @@ class Server:
 
 @contextmanager
 def serve(env: Mapping[str, str], *, root: Path = ROOT, host: str = "127.0.0.1", port: int | None = None,
-          log: Path | None = None, wait: bool = True, ready_path: str = "/healthz", start_timeout_s: float = 90.0,
-          stop_timeout_s: float = 20.0) -> Iterator[Server]:
+          log: Path | None = None, relay: Callable[[str], None] | None = None, wait: bool = True,
+          ready_path: str = "/healthz", start_timeout_s: float = 90.0, stop_timeout_s: float = 20.0) -> Iterator[Server]:
     """gunicorn from `root` with `env` added to the current environment.
 
-    Its output goes to `log` (truncated first), or to our stdout when `log` is
-    None. With `wait`, returns once `ready_path` answers 200.
+    Its output goes to `log` (truncated first); or, line by line, to `relay`,
+    with gunicorn in a process group of its own, so that a terminal's Ctrl-C
+    reaches only the caller, who decides how gunicorn stops; or else to our
+    stdout. With `wait`, returns once `ready_path` answers 200. On exit, every
+    line has been relayed.
     """
     port = free_port() if port is None else port
     environment = {**os.environ, **{name: str(value) for name, value in env.items()}, "HOST": host,
                    "PORT": str(port)}
-    if log is None:
-        process = subprocess.Popen([sys.executable, *COMMAND], cwd=root, env=environment)
+    command, pump = [sys.executable, *COMMAND], None
+    if relay is not None:
+        process = subprocess.Popen(command, cwd=root, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, process_group=0, encoding="utf-8", errors="replace")
+        pump = threading.Thread(target=_pump, args=(process.stdout, relay), name="gunicorn output", daemon=True)
+        pump.start()
+    elif log is None:
+        process = subprocess.Popen(command, cwd=root, env=environment)
     else:
         with log.open("w") as sink:
-            process = subprocess.Popen([sys.executable, *COMMAND], cwd=root, env=environment, stdout=sink,
-                                       stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=root, env=environment, stdout=sink, stderr=subprocess.STDOUT)
     probe_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
     server = Server(f"http://{probe_host}:{port}", process, log)
     try:
@@ -115,6 +124,19 @@ def serve(env: Mapping[str, str], *, root: Path = ROOT, host: str = "127.0.0.1",
         yield server
     finally:
         server.stop(stop_timeout_s)
+        if pump is not None:
+            pump.join(stop_timeout_s)
+
+
+def _pump(output, relay: Callable[[str], None]) -> None:
+    """Each line gunicorn (its master, its workers) writes, to `relay`, until all of them have exited.
+    Reading goes on when relaying fails (our own stdout closed): a pipe left unread would block gunicorn."""
+    with output:
+        for line in output:
+            try:
+                relay(line)
+            except OSError:
+                pass
 
 
 def child_pids(parent: int) -> set[int]:

@@ -9,9 +9,14 @@ Every request is recorded (path, lower-cased headers, parsed JSON body) in
 `.requests`. Answers come from the queue filled by `.script(...)`, one per
 request, then from `.default`. An answer is built with one of the helpers
 below: `text`, `tool_calls`, `echo`, `status`, `malformed`, `slow`,
-`trickled` (a body sent a few bytes at a time), and `streamed` for
-`stream: true` requests (server-sent chunks over time).
-`.delay` adds a pause before every answer (for benchmarks).
+`trickled` (a body sent a few bytes at a time), `streamed` for
+`stream: true` requests (server-sent chunks over time), and the hostile ones:
+`redirect` (a 3xx to another server) and `flood` (a stream larger than any
+answer may be). `.delay` adds a pause before every answer (for benchmarks).
+GET requests are recorded and answered too, so a server that is only a
+redirect's target shows whether anything reached it. `.streamed_bytes` holds,
+per streamed answer, how many bytes went out before it ended or its client
+hung up.
 
     with FakeChatCompletions() as llm:
         llm.script(status(500), text("recovered"))
@@ -27,7 +32,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 COMPLETIONS_PATH = "/v1/chat/completions"
 
@@ -48,7 +53,7 @@ class Answer:
     body: bytes | Callable[[RecordedRequest], bytes] = b""
     delay_s: float = 0.0
     headers: dict = field(default_factory=dict)
-    events: list[bytes] | None = None  # a streamed answer: these SSE events, `interval_s` apart
+    events: Iterable[bytes] | None = None  # a streamed answer: these SSE events, `interval_s` apart
     interval_s: float = 0.0
     cut_after: int | None = None  # drop the connection after this many events (an upstream dying mid-stream)
     piece_bytes: int | None = None  # send the body this many bytes at a time, `interval_s` apart
@@ -93,8 +98,9 @@ def tool_calls(calls: list[dict], content: str | None = None) -> Answer:
     return Answer(body=_completion(message, "tool_calls"))
 
 
-def _chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None, choices: bool = True) -> bytes:
-    payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake-model",
+def _chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = None, choices: bool = True,
+           model: str = "fake-model") -> bytes:
+    payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if choices else []}
     if usage is not None:
         payload["usage"] = usage
@@ -102,24 +108,52 @@ def _chunk(delta: dict, finish_reason: str | None = None, usage: dict | None = N
 
 
 def streamed(pieces: list[str], interval_s: float = 0.0, *, finish_reason: str = "stop", calls: list[dict] = (),
-             usage: dict | None = None, cut_after: int | None = None) -> Answer:
+             usage: dict | None = None, cut_after: int | None = None, model: str = "fake-model") -> Answer:
     """A streamed reply: one content chunk per piece, `interval_s` apart; then each tool
     call in two fragments (id and name, then the arguments split in two); a chunk with
     `finish_reason`; a usage chunk without choices; and `[DONE]`. `cut_after=N` drops
-    the connection after N events."""
-    events = [_chunk({"role": "assistant", "content": ""})]
-    events += [_chunk({"content": piece}) for piece in pieces]
+    the connection after N events; `model` is the name every chunk reports."""
+    events = [{"role": "assistant", "content": ""}]
+    events += [{"content": piece} for piece in pieces]
     for index, call in enumerate(calls):
         arguments = call["arguments"] if isinstance(call["arguments"], str) else json.dumps(call["arguments"])
         half = len(arguments) // 2
-        events.append(_chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                              "function": {"name": call["name"], "arguments": arguments[:half]}}]}))
-        events.append(_chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]}))
-    events.append(_chunk({}, finish_reason=finish_reason))
+        events.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": call["name"], "arguments": arguments[:half]}}]})
+        events.append({"tool_calls": [{"index": index, "function": {"arguments": arguments[half:]}}]})
+    events = [_chunk(delta, model=model) for delta in events]
+    events.append(_chunk({}, finish_reason=finish_reason, model=model))
     usage = usage or {"prompt_tokens": 7, "completion_tokens": len(pieces), "total_tokens": 7 + len(pieces)}
-    events.append(_chunk({}, usage=usage, choices=False))
+    events.append(_chunk({}, usage=usage, choices=False, model=model))
     events.append(b"data: [DONE]\n\n")
     return Answer(events=events, interval_s=interval_s, cut_after=cut_after)
+
+
+class _Flood:
+    """The events of `flood`, made as they are sent (never held whole), afresh for each request."""
+
+    def __init__(self, piece: str, count: int):
+        self.piece, self.count = piece, count
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield _chunk({"role": "assistant", "content": ""})
+        event = _chunk({"content": self.piece})
+        for _ in range(self.count):
+            yield event
+        yield _chunk({}, finish_reason="stop")
+        yield b"data: [DONE]\n\n"
+
+
+def flood(total_bytes: int, piece_chars: int = 64 * 1024) -> Answer:
+    """A well-formed streamed reply of about `total_bytes` of events: content chunks of
+    `piece_chars` characters each, sent as fast as the client reads them."""
+    piece = "x" * piece_chars
+    return Answer(events=_Flood(piece, max(1, total_bytes // len(_chunk({"content": piece})))))
+
+
+def redirect(code: int, location: str) -> Answer:
+    """A `code` (301, 302, 303, 307, 308) pointing at `location`, with a body of its own."""
+    return Answer(status=code, body=b'{"moved": true}', headers={"Location": location})
 
 
 def echo(prefix: str = "fake reply to: ") -> Answer:
@@ -170,6 +204,7 @@ class FakeChatCompletions:
         self.default = default or echo()
         self.delay = delay_s
         self.requests: list[RecordedRequest] = []
+        self.streamed_bytes: list[int] = []
         self._queue: deque[Answer] = deque()
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -191,6 +226,7 @@ class FakeChatCompletions:
         """Forget recorded requests and queued answers."""
         with self._lock:
             self.requests.clear()
+            self.streamed_bytes.clear()
             self._queue.clear()
 
     def start(self) -> FakeChatCompletions:
@@ -254,6 +290,9 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass
 
+        def do_GET(self):
+            self.do_POST()
+
         def do_POST(self):
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
             try:
@@ -261,7 +300,7 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = raw
             request = RecordedRequest(
-                method="POST",
+                method=self.command,
                 path=self.path,
                 headers={name.lower(): value for name, value in self.headers.items()},
                 body=body,
@@ -303,7 +342,9 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True  # the client gave up (a timeout test), nothing to tell
 
         def _stream(self, answer: Answer) -> None:
-            """Chunked transfer, one SSE event per chunk, each flushed as it is written."""
+            """Chunked transfer, one SSE event per chunk, each flushed as it is written;
+            the bytes that went out are added to `.streamed_bytes` at the end."""
+            sent = 0
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -320,10 +361,13 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                         break
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                     self.wfile.flush()
+                    sent += len(data)
                 else:
                     self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 pass
+            with fake._lock:
+                fake.streamed_bytes.append(sent)
             self.close_connection = True
 
         def log_message(self, format, *args):

@@ -9,10 +9,13 @@ as root, as the PostgreSQL cluster does), listens on a free loopback port,
 keeps its configuration and logs in its own temporary directory, and is
 stopped, with its directory removed, when its context manager exits, however
 it exits. A missing program is an error naming the package, never a skip.
+
+Their configuration is docs/operations.md's, read from the Markdown as printed
+(docs_blocks.py); the only changes are the addresses, ports and paths each
+`fill` names.
 """
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -24,10 +27,16 @@ import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from docs_blocks import block, fill
 from support import Server, gunicorn, wait_until_serving
 
 from devtools.cluster import APP_ROLE, DATABASE, Cluster, server_os_user
@@ -73,7 +82,7 @@ class Service:
 
 
 @contextmanager
-def _workdir(prefix: str):
+def workdir(prefix: str):
     """A temporary directory the service user owns; removed afterwards."""
     directory = Path(tempfile.mkdtemp(prefix=prefix))
     user = server_os_user()
@@ -86,8 +95,8 @@ def _workdir(prefix: str):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _write(path: Path, text: str, user: str | None, mode: int = 0o644) -> None:
-    path.write_text(text)
+def _write(path: Path, text: str | bytes, user: str | None, mode: int = 0o644) -> None:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     path.chmod(mode)
     if user:
         entry = pwd.getpwnam(user)
@@ -131,17 +140,29 @@ class PgBouncer:
         return self.url(role).rsplit("/", 1)[0] + "/pgbouncer"
 
 
-@contextmanager
-def pgbouncer(cluster: Cluster, *, pool_size: int = 20, roles=(APP_ROLE,)):
-    """PgBouncer in transaction pooling mode in front of `cluster`'s database.
+def pgbouncer_config(database_port: int, port: int, directory: Path) -> str:
+    """docs/operations.md's pgbouncer.ini, with the tests' addresses, ports and paths."""
+    config = fill(block("pgbouncer"), {
+        "host=10.0.0.20 port=5432": f"host=127.0.0.1 port={database_port}",
+        "listen_addr = 0.0.0.0": "listen_addr = 127.0.0.1",
+        "listen_port = 6432": f"listen_port = {port}",
+        "unix_socket_dir = /var/run/postgresql": f"unix_socket_dir = {directory}",
+        "auth_file = /etc/pgbouncer/userlist.txt": f"auth_file = {directory}/userlist.txt",
+    })
+    # From 1.21 on, PgBouncer can carry protocol-level prepared statements; the
+    # one line the tests add pins that off, so every version behaves like the
+    # 1.18 of Debian 12 (test_scaleout shows why the app then turns them off).
+    return config + ("max_prepared_statements = 0\n" if pgbouncer_version() >= (1, 21) else "")
 
-    Clients authenticate with SCRAM against an auth_file holding the roles'
-    passwords, which PgBouncer also uses to log in to PostgreSQL (SCRAM too).
-    A refused server login is retried after 1 s, not the default 15 s, so a
-    restarted database is used again at once; a client waits at most 5 s
-    for a server connection. From 1.21 on, PgBouncer can carry protocol-level
-    prepared statements (`max_prepared_statements`); it is pinned off here so
-    every version behaves like the 1.18 of Debian 12.
+
+@contextmanager
+def pgbouncer(cluster: Cluster, *, roles=(APP_ROLE,)):
+    """PgBouncer in transaction pooling mode in front of `cluster`'s database,
+    configured as docs/operations.md prints it: clients authenticate with SCRAM
+    against an auth_file holding the roles' passwords, which PgBouncer also uses
+    to log in to PostgreSQL; a refused server login is retried after 1 s, so a
+    restarted database is used again at once; a client waits at most 5 s for a
+    server connection.
 
     `admin_url()` reaches PgBouncer's console (SHOW POOLS, SHOW STATS) as the
     app role, listed in `stats_users`.
@@ -150,31 +171,10 @@ def pgbouncer(cluster: Cluster, *, pool_size: int = 20, roles=(APP_ROLE,)):
     version = pgbouncer_version()
     credentials = cluster.credentials()
     port = free_port()
-    prepared = "max_prepared_statements = 0\n" if version >= (1, 21) else ""
-    with _workdir("chat-test-pgbouncer-") as (directory, user):
+    with workdir("chat-test-pgbouncer-") as (directory, user):
         userlist = "".join(f'"{role}" "{credentials[role]}"\n' for role in roles)
         _write(directory / "userlist.txt", userlist, user, mode=0o600)
-        _write(directory / "pgbouncer.ini", f"""\
-[databases]
-{DATABASE} = host=127.0.0.1 port={cluster.port} dbname={DATABASE}
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = {directory}/userlist.txt
-pool_mode = transaction
-default_pool_size = {pool_size}
-max_client_conn = 500
-server_login_retry = 1
-server_connect_timeout = 3
-query_wait_timeout = 5
-ignore_startup_parameters = extra_float_digits
-stats_users = {APP_ROLE}
-log_connections = 0
-log_disconnections = 0
-{prepared}""", user)
+        _write(directory / "pgbouncer.ini", pgbouncer_config(cluster.port, port, directory), user)
         with _service("pgbouncer", [program, str(directory / "pgbouncer.ini")], directory, user) as service:
             _wait_until(service, lambda: _listening(port), f"listen on {port}")
             yield PgBouncer(port, version, credentials, service)
@@ -187,45 +187,13 @@ class Balancer:
     service: Service
 
 
-# What nginx answers itself (a request it cannot parse, a header or request
-# line over large_client_header_buffers, a body over client_max_body_size, no
-# upstream answering) in the API's JSON error shape instead of its HTML pages.
-# A `=code` URI error page works for a request whose line nginx could not
-# parse, where a named location (`@name`) gives a 500. docs/operations.md
-# shows the block this writes.
-NGINX_ERRORS = {  # nginx's status: (status answered, code, message)
-    400: (400, "bad_request", "not a valid HTTP request"),
-    494: (431, "request_header_fields_too_large", "a header field is over 32 KiB"),
-    414: (414, "uri_too_long", "the request line is over 32 KiB"),
-    413: (413, "request_entity_too_large", "the body is over 2 MiB"),
-    502: (502, "bad_gateway", "no app instance answered"),
-    504: (504, "gateway_timeout", "no app instance answered in time"),
-}
-
-
-def nginx_json_errors(indent: str = "        ") -> str:
-    lines = []
-    for status, (answered, code, message) in NGINX_ERRORS.items():
-        body = json.dumps({"error": {"code": code, "message": message}})
-        lines += [f"error_page {status} ={answered} /_errors/{answered}.json;",
-                  f"location = /_errors/{answered}.json {{",
-                  "    internal;",
-                  "    default_type application/json;",
-                  f"    return {answered} '{body}';",
-                  "}"]
-    return "".join(f"{indent}{line}\n" for line in lines)
-
-
-@contextmanager
-def nginx(upstreams: list[str]):
-    """nginx on a free loopback port, balancing round robin over `upstreams`
-    (`http://127.0.0.1:PORT` URLs). Each answer says which upstream served it
-    in an `X-Upstream` header."""
-    program = find_program("nginx")
-    port = free_port()
-    servers = "".join(f"        server {url.removeprefix('http://')} max_fails=0;\n" for url in upstreams)
-    with _workdir("chat-test-nginx-") as (directory, user):
-        _write(directory / "nginx.conf", f"""\
+def nginx_config(directory: Path, site: str) -> str:
+    """A minimal nginx.conf for the tests, keeping every file in `directory`,
+    whose http block holds `site` (what Debian's nginx.conf includes from
+    conf.d/). Each answer says which upstream served it in an `X-Upstream`
+    header: the docs' site block adds no header of its own, so it inherits
+    this one."""
+    return f"""\
 worker_processes 1;
 pid {directory}/nginx.pid;
 error_log {directory}/error.log warn;
@@ -241,31 +209,67 @@ http {{
     fastcgi_temp_path {directory}/fastcgi;
     uwsgi_temp_path {directory}/uwsgi;
     scgi_temp_path {directory}/scgi;
+    add_header X-Upstream $upstream_addr always;
 
-    upstream chat_app {{
-{servers}        keepalive 16;
-    }}
+{site}}}
+"""
 
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 2m;
-        large_client_header_buffers 4 32k;
-{nginx_json_errors()}
-        location / {{
-            proxy_pass http://chat_app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_read_timeout 60s;
-            add_header X-Upstream $upstream_addr always;
-        }}
-    }}
-}}
-""", user)
-        command = [program, "-p", str(directory), "-c", str(directory / "nginx.conf"), "-e",
-                   str(directory / "error.log"), "-g", "daemon off;"]
-        with _service("nginx", command, directory, user) as service:
+
+def nginx_site(upstreams: list[str], listen: str) -> str:
+    """docs/operations.md's site block: the tests' instances for its example
+    upstreams, and `listen` for its TLS listener (the tests speak plain HTTP
+    to nginx; test_deploy_docs loads the block with TLS as printed). Every
+    instance stays in the rotation (`max_fails=0`), so a test can tell that
+    round robin reached each of them."""
+    servers = "".join(f"    server {url.removeprefix('http://')} max_fails=0;\n" for url in upstreams)
+    return fill(block("nginx-site"), {
+        "    server 10.0.0.11:8000;\n    server 10.0.0.12:8000;\n": servers,
+        "listen 443 ssl;": listen,
+    })
+
+
+def write_nginx_files(directory: Path, user: str | None, site: str) -> Path:
+    """nginx.conf around `site`, the docs' JSON error pages beside it, where
+    the site's relative `include` finds them, and a throwaway certificate at
+    the paths of the docs' TLS lines; returns the path of nginx.conf."""
+    certificate, key = directory / "chat.pem", directory / "chat.key"
+    certificate_pem, key_pem = self_signed_certificate()
+    _write(certificate, certificate_pem, user)
+    _write(key, key_pem, user, mode=0o600)
+    site = fill(site, {"/etc/ssl/certs/chat.example.com.pem": str(certificate),
+                       "/etc/ssl/private/chat.example.com.key": str(key)})
+    _write(directory / "chat-json-errors.conf", block("nginx-json-errors"), user)
+    _write(directory / "nginx.conf", nginx_config(directory, site), user)
+    return directory / "nginx.conf"
+
+
+def self_signed_certificate() -> tuple[bytes, bytes]:
+    """A certificate for localhost, valid one day, and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+    return (certificate.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def nginx_command(directory: Path, *options: str) -> list[str]:
+    return [find_program("nginx"), "-p", str(directory), "-c", str(directory / "nginx.conf"), "-e",
+            str(directory / "error.log"), *options]
+
+
+@contextmanager
+def nginx(upstreams: list[str]):
+    """nginx on a free loopback port, balancing round robin over `upstreams`
+    (`http://127.0.0.1:PORT` URLs), configured with docs/operations.md's site
+    block and JSON error pages."""
+    port = free_port()
+    with workdir("chat-test-nginx-") as (directory, user):
+        write_nginx_files(directory, user, nginx_site(upstreams, f"listen 127.0.0.1:{port};"))
+        with _service("nginx", nginx_command(directory, "-g", "daemon off;"), directory, user) as service:
             balancer = Balancer(f"http://127.0.0.1:{port}", list(upstreams), service)
             health = balancer.url + "/healthz"
             _wait_until(service, lambda: _answering(health), f"answer {health}")

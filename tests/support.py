@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2.sandbox
 import psycopg
+import pytest
 
 from chat_blueprint import create_app
 from chat_blueprint.auth import mint_token
@@ -20,6 +21,7 @@ from chat_blueprint.db.extensions import db
 from devtools.cluster import Cluster, migrate
 from devtools.ports import free_port
 from devtools.server import Server, serve
+from devtools.settings import SettingError, check_app_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-for-hs256-signing-that-is-long-enough-for-hs512-too-0123456789"
@@ -27,14 +29,23 @@ SECRET = "test-secret-for-hs256-signing-that-is-long-enough-for-hs512-too-012345
 
 @contextmanager
 def throwaway_cluster(prefix: str = "chat-test-pg-"):
-    """A fresh cluster, migrated as the owner with `flask db upgrade`; removed afterwards."""
+    """A fresh cluster, migrated as the owner with `flask db upgrade`; removed afterwards.
+
+    A setting in the environment that the app refuses (the servers and the
+    migration inherit it) ends the whole run at once, in one line naming the
+    variable, before any cluster starts: not a traceback in every test."""
+    env = {**os.environ, "BETTER_AUTH_SECRET": SECRET}
+    try:
+        check_app_settings({**env, "DATABASE_URL": "postgresql://127.0.0.1/chat"})
+    except SettingError as refusal:
+        pytest.exit(f"make test: {refusal}", returncode=1)
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)
     cluster = Cluster(root, free_port())
     try:
         cluster.start()
         cluster.bootstrap()
-        migrate(cluster, {**os.environ, "BETTER_AUTH_SECRET": SECRET})
+        migrate(cluster, env)
         yield cluster
     finally:
         cluster.stop()
@@ -187,8 +198,14 @@ def raw_exchange(url: str, parts, timeout_s: float = 30.0) -> RawResponse:
             body += data
         return RawResponse(int(status_line.split()[1]), headers, body[:length])
     finally:
-        sock.close()
+        # The sender ends before the socket is closed: a descriptor closed under
+        # it could be reused by another thread's connection and written to.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a send blocked on a server that stopped reading fails at once
+        except OSError:
+            pass
         sender.join(timeout_s)
+        sock.close()
 
 
 # The rule strict chat templates enforce (the templates of several open models, as

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+import string
 import time
+from urllib.parse import quote
 
 import jwt
 import pytest
-from support import SECRET, built_app, make_user
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwks_server import KeyServer
 from jwt.algorithms import OKPAlgorithm
+from support import SECRET, built_app, make_user
+from test_chat import counting_statements
+
+from chat_blueprint.auth import LEEWAY_S
 
 
 def token(claims=None, secret=SECRET, algorithm="HS256", drop=(), headers=None):
@@ -75,6 +81,14 @@ def test_issued_in_the_future_is_401(client):
     assert_401(get_tasks(client, "Bearer " + token({"iat": int(time.time()) + 600})))
 
 
+@pytest.mark.parametrize("claim, inside, outside", [("exp", -2, -10), ("nbf", 2, 10), ("iat", 2, 10)])
+def test_clocks_may_disagree_by_the_documented_five_seconds(client, claim, inside, outside):
+    """README and docs/better-auth.md promise LEEWAY_S (5 s) of clock skew, no more."""
+    assert LEEWAY_S == 5
+    assert get_tasks(client, "Bearer " + token({claim: int(time.time()) + inside})).status_code == 200
+    assert_401(get_tasks(client, "Bearer " + token({claim: int(time.time()) + outside})))
+
+
 def test_alg_none_is_401(client):
     assert_401(get_tasks(client, "Bearer " + unsigned({"sub": "carol", "exp": int(time.time()) + 600})))
 
@@ -101,6 +115,42 @@ def test_path_mismatch_is_403(client):
     response = get_tasks(client, f"Bearer {token()}", user_id="dave")
     assert response.status_code == 403
     assert response.get_json()["error"]["code"] == "forbidden"
+
+
+def random_id(length: int, alphabet=string.ascii_letters + string.digits) -> str:
+    return "".join(random.choices(alphabet, k=length))
+
+
+@pytest.mark.parametrize("length", [256, 4000])
+def test_a_subject_over_255_characters_is_401_and_reaches_no_database(client, monkeypatch, length):
+    """The finding: a token whose `sub` held ~3,600 random characters made every
+    write of its user a 503 (the key's index row overflowed); a token is now
+    refused before any statement runs."""
+    user_id = random_id(length)
+    with counting_statements(monkeypatch) as sent:
+        response = client.post(f"/api/{user_id}/tasks", json={"title": "t"},
+                               headers={"Authorization": "Bearer " + token({"sub": user_id})})
+    assert_401(response)
+    assert sent == []
+
+
+def test_a_subject_of_255_characters_of_any_script_is_served(client):
+    user_id = random_id(255, [chr(code) for code in range(0x20000, 0x2A6DF)])  # four UTF-8 bytes each
+    headers = {"Authorization": "Bearer " + token({"sub": user_id})}
+    path = f"/api/{quote(user_id, safe='')}/tasks"
+    assert client.post(path, json={"title": "t"}, headers=headers).status_code == 201
+    assert [task["user_id"] for task in client.get(path, headers=headers).get_json()] == [user_id]
+
+
+@pytest.mark.parametrize("length", [256, 4000])
+def test_a_path_user_id_over_255_characters_is_403_before_any_statement(client, monkeypatch, length):
+    """It cannot be a verified `sub`, so it is refused as another user's path,
+    before anything reaches the database."""
+    with counting_statements(monkeypatch) as sent:
+        response = client.post(f"/api/{random_id(length)}/tasks", json={"title": "t"},
+                               headers={"Authorization": f"Bearer {token()}"})
+    assert response.status_code == 403 and response.get_json()["error"]["code"] == "forbidden"
+    assert sent == []
 
 
 def test_auth_comes_before_body_checks(client):

@@ -484,3 +484,22 @@ def test_chat_body_errors(client, alice):
     assert client.post(url, data=b'{"message": "hi"}', content_type="text/plain",
                        headers=alice.headers).status_code == 415
     assert client.post(url, headers=alice.headers).status_code == 415
+
+
+def test_the_builtin_reply_counts_the_messages_in_view_in_good_english(client, alice):
+    """The finding: the first turn's reply said "(1 messages in view)"."""
+    first = chat(client, alice, "one").get_json()
+    assert first["response"] == 'turn 1: you said "one" (1 message in view)'
+    second = chat(client, alice, "two", first["conversation_id"]).get_json()
+    assert second["response"] == 'turn 2: you said "two" (3 messages in view)'
+
+
+def test_a_replayed_answer_has_its_keys_in_the_order_of_the_first(client, alice):
+    """The finding: the repeat came back from jsonb with its keys in PostgreSQL's order
+    (`usage`, `model`, `response`, ... shortest first), unlike the first answer."""
+    first = chat(client, alice, "once", key="order-key")
+    again = chat(client, alice, "once", key="order-key")
+    assert again.get_json() == first.get_json()
+    assert list(again.get_json()) == list(first.get_json()) == [
+        "conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
+        "finish_reason", "usage"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-from fake_llm import malformed, slow, status, text, tool_calls
+from fake_llm import FakeChatCompletions, malformed, redirect, slow, status, text, tool_calls
 from support import built_app, connect, make_user, render_strict_chat_template
 
 API_KEY = "sk-test-key-that-must-never-leak-0123456789"
@@ -190,3 +190,38 @@ def test_a_new_message_longer_than_the_bound_is_sent_whole_and_alone(tiny_window
     assert chat(client, alice, "ok", conversation_id).status_code == 200
     # "ok" and "long" fit in 100 characters; the 500-character message does not.
     assert llm.requests[-1].body["messages"] == [{"role": "user", "content": "ok"}]
+
+
+# A hostile model server (issue 24), in blocking mode: a 502 or a reply without what it could not
+# hold, never a 500, and a retry with the key still completes the turn.
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_a_redirect_is_a_502_and_its_target_is_never_contacted(client, llm, alice, app_url, code):
+    with FakeChatCompletions(default=text("SECRET FROM INTERNAL SERVICE")) as elsewhere:
+        llm.script(redirect(code, f"{elsewhere.base_url}/chat/completions"))
+        failed = chat(client, alice, "where to?", key="redirected")
+        assert elsewhere.requests == []
+    assert failed.status_code == 502 and failed.get_json()["error"]["code"] == "assistant_failed"
+    assert f"HTTP {code}" in failed.get_json()["error"]["message"]
+    assert [row[0] for row in stored(app_url, alice.id)] == ["user"]
+    llm.script(text("from the right place"))
+    assert chat(client, alice, "where to?", key="redirected").get_json()["response"] == "from the right place"
+
+
+@pytest.mark.parametrize("count", [10**400, 10**42], ids=["10**400", "10**42"])
+def test_usage_beyond_a_bigint_is_dropped(client, llm, alice, app_url, count):
+    llm.script(text("counted", usage={"prompt_tokens": 1, "completion_tokens": count, "total_tokens": count}))
+    answer = chat(client, alice, "count this")
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["usage"] is None
+    with connect(app_url, alice.id) as conn:
+        assert conn.execute("select usage from message where role = 'assistant'").fetchall() == [(None,)]
+
+
+def test_tool_call_arguments_nested_too_deeply_are_a_502_and_a_retry_completes(client, llm, alice, app_url):
+    deep = '{"a": ' * 500 + "1" + "}" * 500
+    llm.script(tool_calls([{"id": "c", "name": "add_task", "arguments": deep}]), text("flat this time"))
+    failed = chat(client, alice, "nest", key="nested")
+    assert failed.status_code == 502 and "nested too deeply" in failed.get_json()["error"]["message"]
+    assert [row[0] for row in stored(app_url, alice.id)] == ["user"]
+    assert chat(client, alice, "nest", key="nested").get_json()["response"] == "flat this time"

@@ -20,6 +20,7 @@ import pytest
 import requests
 from support import ROOT
 
+from devtools import run as devtools_run
 from devtools.ports import free_port
 
 START_TIMEOUT_S = 240
@@ -60,7 +61,8 @@ def dev_run():
     log = root.parent / f"{root.name}.log"
     command, options = devtools("run", root=root, port=port, db_port=db_port)
     with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, **options)
+        # A process group of its own, as a terminal gives `make run`: Ctrl-C signals the group.
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, process_group=0, **options)
     run = DevRun(root, port, db_port, process, log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -97,7 +99,7 @@ def test_make_run_prints_export_lines_a_curl_line_and_where_the_secret_is(dev_ru
     output = dev_run.output()
     curl = [line.strip() for line in output.splitlines() if line.strip().startswith("curl ")]
     assert len(curl) == 1 and f"Bearer {exported['TOKEN']}" in curl[0]
-    assert f"/api/dev-user/chat" in curl[0]
+    assert "/api/dev-user/chat" in curl[0]
     assert "make token USER=alice" in output and str(dev_run.root / "auth_secret") in output
     assert f"http://127.0.0.1:{dev_run.port}/docs" in output
 
@@ -177,16 +179,82 @@ def test_a_taken_port_is_refused_in_one_line(dev_run, taken):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.parametrize("setting, variable", [
+    ({"ASSISTANT": "openai"}, "ASSISTANT_BASE_URL"),
+    ({"WRITE_RATE_LIMIT": "many"}, "WRITE_RATE_LIMIT"),
+    ({"PORT": "abc"}, "PORT"),
+    ({"GUNICORN_THREADS": "lots"}, "GUNICORN_THREADS"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+])
+def test_a_bad_setting_is_refused_in_one_line_before_anything_starts(setting, variable):
+    """The finding: a setting the app refuses surfaced from `flask db upgrade`, after the cluster had
+    started, as a traceback and a line pointing at PostgreSQL's log; one gunicorn reads was a traceback."""
+    root = new_root()
+    try:
+        command, options = devtools("run", root=root, port=free_port())
+        options["env"].update(setting)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, **options)
+        assert result.returncode == 1
+        assert one_line(result).startswith(f"make run: {variable} ")
+        assert not (root / "pgdata").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_failed_migration_points_at_its_own_messages_not_at_postgresqls_log(monkeypatch, capsys):
+    """The finding: make run's line after a failed `flask db upgrade` sent the reader to PostgreSQL's
+    log, which says nothing about it; the command's own messages are right above."""
+    def failing_migration(root):
+        raise subprocess.CalledProcessError(1, [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"])
+
+    monkeypatch.setattr(devtools_run, "run", failing_migration)
+    assert devtools_run.main(["run"]) == 1
+    assert capsys.readouterr().err == "make run: flask db upgrade failed with status 1 (its messages are above)\n"
+
+
+def test_make_test_refuses_a_bad_setting_in_one_line_before_any_cluster_starts():
+    """The servers and the migration of the suite inherit its environment: a bad setting there
+    was a traceback in every test that needed the database."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                             "tests/test_policies.py"], cwd=ROOT, env={**os.environ, "WRITE_RATE_LIMIT": "many"},
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output and "Error" not in output, output
+    [line] = [line for line in output.splitlines() if "WRITE_RATE_LIMIT" in line]
+    assert "make test: WRITE_RATE_LIMIT must look like" in line
+
+
+def test_the_benchmarks_migration_refuses_a_bad_setting_in_one_line():
+    """`make bench` migrates through the same function, and does not catch the refusal: it ends
+    the benchmark with that line alone, no traceback."""
+    root = new_root()
+    try:
+        script = ("import sys\nfrom devtools.cluster import Cluster, migrate\n"
+                  "migrate(Cluster(sys.argv[1], 1), {'ASSISTANT': 'openai'}, quiet=True)\n")
+        result = subprocess.run([sys.executable, "-c", script, str(root)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 1
+        assert one_line(result) == "ASSISTANT_BASE_URL is not set (required when ASSISTANT=openai)"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def accepts(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_ctrl_c_stops_gunicorn_and_the_database_and_says_so(dev_run):
-    """Last in this module: it ends the run."""
-    dev_run.process.send_signal(signal.SIGINT)
+def test_ctrl_c_stops_gunicorn_and_the_database_and_says_so_in_one_line(dev_run):
+    """Last in this module: it ends the run. A terminal's Ctrl-C signals the whole process group.
+    The finding: it printed gevent `SystemExit` tracebacks and gunicorn's shutdown chatter, which
+    read like a crash; a clean stop is the one line saying what stopped."""
+    before = len(dev_run.output())
+    os.killpg(dev_run.process.pid, signal.SIGINT)
     assert dev_run.process.wait(timeout=90) == 0
-    last = dev_run.output().strip().splitlines()[-1]
-    assert last.startswith("Stopped gunicorn and the database"), last
+    after = dev_run.output()[before:]
+    assert "Traceback" not in after, after
+    lines = [line for line in after.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Stopped gunicorn and the database"), after
     assert not accepts(dev_run.port) and not accepts(dev_run.db_port)

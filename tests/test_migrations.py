@@ -8,8 +8,8 @@ import sys
 import psycopg
 from support import ROOT, SECRET, throwaway_cluster
 
-from devtools.cluster import APP_ROLE, OWNER_ROLE
 from chat_blueprint.db.models import ISOLATED_TABLES
+from devtools.cluster import APP_ROLE, OWNER_ROLE
 
 
 def flask_db(cluster, *args) -> None:
@@ -51,9 +51,11 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert dict(upgraded[2])["message"] == "DELETE,INSERT,SELECT"
         assert dict(upgraded[2])["chat_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         assert dict(upgraded[2])["write_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
+        assert dict(upgraded[2])["export_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
         owner_and_app = f"{{{OWNER_ROLE}=X/{OWNER_ROLE},{APP_ROLE}=X/{OWNER_ROLE}}}"
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
+                               ("prune_export_rate_limits", True, owner_only),
                                ("prune_idempotency_keys", True, owner_only),
                                ("prune_write_rate_limits", True, owner_only),
                                ("search_hits", True, owner_and_app),
@@ -74,7 +76,7 @@ def test_policy_files_can_be_applied_again():
         before = isolation_state(cluster)
         with psycopg.connect(cluster.url(OWNER_ROLE)) as conn:
             conn.execute("select set_config('chat.app_role', %s, true)", (APP_ROLE,))
-            for policy in sorted((ROOT / "policies").glob("*.sql")):
+            for policy in sorted((ROOT / "chat_blueprint" / "policies").glob("*.sql")):
                 conn.execute(policy.read_text())
         assert isolation_state(cluster) == before
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
+from urllib.parse import quote
 
 import pytest
 import requests
 from fake_llm import FakeChatCompletions, streamed, text
-from support import gunicorn, make_user
+from support import SECRET, gunicorn, make_user, raw_exchange
+
+from chat_blueprint.auth import mint_token
+
+from devtools.ports import free_port
 
 SECRET_MESSAGE = "my bank password is hunter2-7c1e"
 
@@ -90,6 +96,30 @@ def test_tokens_and_message_contents_stay_out_of_the_logs(server):
     assert user.token not in output and "forged.token.value" not in output
     assert "hunter2" not in output
     assert "test-secret-for-hs256" not in output
+
+
+UNSAFE = "\x7f\x85\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066"
+
+
+def test_line_breaks_and_direction_overrides_from_a_request_are_escaped_in_the_log(server):
+    """The finding: U+2028 and U+202E from a path or a token's `sub` reached the
+    log raw, so one access line was three under str.splitlines() (and a
+    terminal showed it reordered). They are JSON escapes now: each line is one
+    line, and reads back as the request had it."""
+    user_id = f"mallory\u2028{uuid.uuid4().hex}\u202e{UNSAFE}"
+    headers = {"Authorization": f"Bearer {mint_token(SECRET, user_id)}", "X-Request-ID": f"unsafe-{uuid.uuid4()}"}
+    requests.get(f"{server.url}/api/{quote(user_id, safe='')}/tasks", headers=headers, timeout=10)
+    nowhere = f"/nowhere/{UNSAFE}"
+    requests.get(f"{server.url}{quote(nowhere)}", timeout=10)
+    refused = raw_exchange(server.url, [f"GET /{UNSAFE} HTTP/1.1\r\nHost: test\r\n\r\n".encode()])
+    assert refused.status == 400  # gunicorn's own refusal, whose warning line quotes the request line
+    entry = wait_for_log(server, lambda e: e.get("request_id") == headers["X-Request-ID"])
+    assert entry["status"] == 200 and entry["user_id"] == user_id and entry["path"] == f"/api/{user_id}/tasks"
+    wait_for_log(server, lambda e: e.get("path") == nowhere and e.get("status") == 404)
+    wait_for_log(server, lambda e: e.get("logger") == "gunicorn.error" and "Invalid request" in e["message"])
+    output = server.output()
+    assert not any(character in output for character in UNSAFE)
+    assert all(json.loads(line) for line in output.splitlines() if line.strip())
 
 
 def metric_value(text: str, name: str, **labels) -> float:
@@ -194,3 +224,34 @@ def test_tokens_are_counted_by_model_over_every_worker(app_url):
     # A server that names no model: its tokens count under the model asked for.
     assert (added("assistant_prompt_tokens_total", "configured-name"),
             added("assistant_completion_tokens_total", "configured-name")) == (2, 1)
+
+
+def gunicorn_says(server, prefix: str) -> dict:
+    return wait_for_log(server, lambda e: e["logger"] == "gunicorn.error" and e["message"].startswith(prefix))
+
+
+def test_the_start_up_banner_names_the_assistant_and_the_workers(server):
+    banner = gunicorn_says(server, "Serving with")
+    assert banner["message"] == "Serving with assistant builtin; 2 gevent workers, 1000 connections each"
+
+
+def test_an_unreachable_model_server_is_named_in_the_log_and_the_banner_never_in_the_answer(app_url):
+    """The finding: the 502 said "could not be reached" and the log only "AssistantError", so an
+    operator could not tell which server was meant. Host and port only: ASSISTANT_BASE_URL may
+    carry credentials, a secret path or a key in its query, and none of them is logged."""
+    user, port = make_user(), free_port()  # nothing listens there
+    base_url = f"http://proxy-user:url-SECRET@127.0.0.1:{port}/v1/path-SECRET?key=query-SECRET"
+    with gunicorn(app_url, threads=4, ASSISTANT="openai", ASSISTANT_BASE_URL=base_url, ASSISTANT_MODEL="test-model",
+                  ASSISTANT_API_KEY="sk-key-SECRET", GUNICORN_WORKER_CLASS="gthread") as server:
+        banner = gunicorn_says(server, "Serving with")
+        assert banner["message"] == (f"Serving with assistant openai test-model at 127.0.0.1:{port}; "
+                                     "1 gthread worker, 4 threads each")
+        answer = requests.post(f"{server.url}/api/{user.id}/chat", json={"message": "hello"}, headers=user.headers,
+                               timeout=30)
+        assert answer.status_code == 502
+        assert answer.json()["error"]["message"] == "the assistant failed: the assistant backend could not be reached"
+        assert str(port) not in answer.text
+        unanswered = wait_for_log(server, lambda e: e["message"].startswith("chat turn unanswered"))
+        assert unanswered["message"] == ("chat turn unanswered: assistant_failed (AssistantError: the assistant "
+                                         f"backend could not be reached); assistant backend at 127.0.0.1:{port}")
+        assert "SECRET" not in server.output()

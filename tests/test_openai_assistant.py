@@ -6,20 +6,35 @@ directly, and the fake server records exactly what went over the wire.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import socket
 import time
 import traceback
 
 import pytest
-from fake_llm import FakeChatCompletions, malformed, slow, stalled, status, streamed, text, tool_calls, trickled
+from fake_llm import (
+    Answer,
+    FakeChatCompletions,
+    flood,
+    malformed,
+    redirect,
+    slow,
+    stalled,
+    status,
+    streamed,
+    text,
+    tool_calls,
+    trickled,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ChatTemplateError, render_strict_chat_template
 
 from chat_blueprint.assistants import AssistantError, AssistantTimeout, HistoryMessage, build_assistant
+from chat_blueprint.assistants.completions import MAX_ARGUMENT_DEPTH, MAX_TOOL_CALLS
 from chat_blueprint.assistants.deadlines import Watchdog
-from chat_blueprint.assistants.openai_compatible import OpenAICompatibleAssistant
+from chat_blueprint.assistants.openai_compatible import MAX_ANSWER_BYTES, OpenAICompatibleAssistant
 from chat_blueprint.config import load_settings
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
@@ -490,3 +505,167 @@ def test_the_watchdog_shuts_a_guarded_socket_at_its_deadline_and_no_other():
         time.sleep(0.1)
         spared_peer.sendall(b"ok")
         assert spared.recv(10) == b"ok"
+
+
+# A hostile model server (issue 24): redirects, answers too large, absurd numbers, deep nesting.
+
+@pytest.fixture
+def elsewhere():
+    """Another server on loopback, standing for an internal service a redirect points at."""
+    with FakeChatCompletions(default=text("SECRET FROM INTERNAL SERVICE")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_a_redirect_is_an_error_and_its_target_is_never_contacted(llm, make_assistant, elsewhere, code, mode):
+    llm.script(redirect(code, f"{elsewhere.base_url}/chat/completions"))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError) as failure:
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+    assert not isinstance(failure.value, AssistantTimeout)
+    assert str(failure.value) == f"the assistant backend answered HTTP {code}"
+    assert elsewhere.requests == [] and len(llm.requests) == 1
+
+
+def test_a_blocking_answer_over_8_mib_is_refused(llm, make_assistant):
+    llm.script(text("x" * MAX_ANSWER_BYTES), text("y" * (MAX_ANSWER_BYTES - 1000)))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="30")
+
+    with pytest.raises(AssistantError, match="too large"):
+        assistant.reply(WINDOW, turn=2)
+    assert len(assistant.reply(WINDOW, turn=2).text) == MAX_ANSWER_BYTES - 1000  # just under: read whole
+
+
+def test_a_stream_over_8_mib_is_cut_as_soon_as_it_passes_the_cap(llm, make_assistant):
+    """A 64 MiB stream: the error comes once 8 MiB have arrived, and the connection is
+    closed then, so the server manages to send little more than the cap (plus what the
+    sockets' buffers hold) and no more of it is read."""
+    llm.script(flood(64 * 1024 * 1024))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="60")
+
+    received = 0
+    with pytest.raises(AssistantError, match="too large"):
+        for item in assistant.stream(WINDOW, turn=2):
+            received += len(item)
+    assert received <= MAX_ANSWER_BYTES
+    deadline = time.monotonic() + 10
+    while not llm.streamed_bytes:
+        assert time.monotonic() < deadline, "the server is still sending"
+        time.sleep(0.05)
+    assert llm.streamed_bytes[0] < MAX_ANSWER_BYTES + 16 * 1024 * 1024, llm.streamed_bytes
+
+
+def test_a_stream_just_under_the_cap_is_read_whole(llm, make_assistant):
+    llm.script(flood(MAX_ANSWER_BYTES - 256 * 1024))
+
+    items = list(make_assistant(ASSISTANT_TIMEOUT_S="30").stream(WINDOW, turn=2))
+
+    assert len(items[-1].text) > MAX_ANSWER_BYTES - 1024 * 1024
+
+
+ABSURD_COUNTS = {"10**400": 10**400, "10**42": 10**42, "2**63": 2**63, "negative": -1, "fraction": 1.5,
+                 "infinity": float("inf"), "string": "7", "boolean": True, "null": None}
+
+
+@pytest.mark.parametrize("count", ABSURD_COUNTS.values(), ids=ABSURD_COUNTS.keys())
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_usage_beyond_a_bigint_or_not_a_count_is_dropped(llm, make_assistant, mode, count):
+    usage = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": 7}
+    llm.script(text("counted", usage=usage) if mode == "blocking" else streamed(["counted"], usage=usage))
+    assistant = make_assistant()
+
+    reply = assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))[-1]
+
+    assert reply.text == "counted" and reply.usage is None
+
+
+def test_usage_up_to_the_largest_bigint_is_kept(llm, make_assistant):
+    usage = {"prompt_tokens": 0, "completion_tokens": 2**63 - 1, "total_tokens": 2**63 - 1}
+    llm.script(text("counted", usage=usage))
+
+    assert make_assistant().reply(WINDOW, turn=2).usage == usage
+
+
+def nested(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_ARGUMENT_DEPTH + 1, 500, 5000, 200_000])
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_tool_call_arguments_nested_too_deeply_are_an_assistant_error(llm, make_assistant, mode, depth):
+    call = {"id": "c", "name": "add_task", "arguments": nested(depth)}
+    llm.script(tool_calls([call]) if mode == "blocking" else streamed([], calls=[call]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="nested too deeply"):
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+
+def test_tool_call_arguments_nested_up_to_the_limit_are_kept(llm, make_assistant):
+    llm.script(tool_calls([{"id": "c", "name": "add_task", "arguments": nested(MAX_ARGUMENT_DEPTH)}]))
+
+    arguments = make_assistant().reply(WINDOW, turn=2).tool_calls[0]["arguments"]
+
+    assert json.dumps(arguments) == nested(MAX_ARGUMENT_DEPTH)
+
+
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_a_body_nested_too_deeply_is_a_malformed_answer(llm, make_assistant, mode):
+    """Nesting in a field nobody reads still makes the JSON parser recurse."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    if mode == "blocking":
+        llm.script(malformed(b'{"choices": [], "x": ' + deep + b"}"))
+    else:
+        llm.script(Answer(events=[b'data: {"choices": [], "x": ' + deep + b"}\n\n", b"data: [DONE]\n\n"]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="malformed"):
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+
+def test_more_tool_calls_than_a_reply_may_hold_are_an_assistant_error(llm, make_assistant):
+    """Each new tool-call index costs memory however few bytes it took: their number is bounded."""
+    calls = [{"id": f"c{n}", "name": "t", "arguments": "{}"} for n in range(MAX_TOOL_CALLS + 1)]
+    llm.script(tool_calls(calls), streamed([], calls=calls), tool_calls(calls[:-1]))
+    assistant = make_assistant()
+
+    with pytest.raises(AssistantError, match="too many tool calls"):
+        assistant.reply(WINDOW, turn=2)
+    with pytest.raises(AssistantError, match="too many tool calls"):
+        list(assistant.stream(WINDOW, turn=2))
+    assert len(assistant.reply(WINDOW, turn=2).tool_calls) == MAX_TOOL_CALLS
+
+
+@pytest.mark.parametrize("code", [500, 302])
+def test_an_error_status_whose_body_trickles_is_cut_off_at_the_timeout(llm, make_assistant, code):
+    """The client reads an error status's body itself, whole and with no deadline: a body
+    trickled for 10 s held the call 10 s past ASSISTANT_TIMEOUT_S=1."""
+    answer = Answer(status=code, body=b"x" * 300, headers={"Location": "http://127.0.0.1:9/"})
+    llm.script(trickled(answer, piece_bytes=10, interval_s=0.3))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="1")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantTimeout):
+        assistant.reply(WINDOW, turn=2)
+
+    assert time.monotonic() - started < 1.6
+
+
+@pytest.mark.parametrize("mode", ["blocking", "streamed"])
+def test_only_the_head_of_an_error_body_is_read(llm, make_assistant, mode):
+    """A 500 whose body never ends: its status is known at once, and what follows is not
+    waited for (the client would read until a read timed out, or forever). Its code is
+    past the head read, in JSON cut short: the message names the status only."""
+    body = json.dumps({"error": {"message": "x" * (8 * 1024 * 1024), "code": "overloaded"}}).encode()
+    llm.script(trickled(Answer(status=500, body=body), piece_bytes=64 * 1024, interval_s=0, stall_after=4))
+    assistant = make_assistant(ASSISTANT_TIMEOUT_S="5")
+
+    started = time.monotonic()
+    with pytest.raises(AssistantError) as failure:
+        assistant.reply(WINDOW, turn=2) if mode == "blocking" else list(assistant.stream(WINDOW, turn=2))
+
+    assert time.monotonic() - started < 2
+    assert str(failure.value) == "the assistant backend answered HTTP 500"

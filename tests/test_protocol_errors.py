@@ -114,6 +114,14 @@ def test_a_16_kib_token_passes_nginx(balancer):
     assert_json_error(longer, 401, "unauthorized")
 
 
+def test_headers_over_64_kib_together_are_gunicorns_431_json_through_nginx(balancer):
+    """nginx passes header lines of up to 4 x 32 KiB (its buffers); gunicorn
+    refuses them past 64 KiB together, and nginx relays that answer."""
+    response = raw_exchange(balancer.url, [get("/healthz", *(f"X-Pad-{n}: {'p' * 30_000}" for n in range(3)))])
+    assert_json_error(response, 431, "request_header_fields_too_large")
+    assert response.headers.get("x-upstream"), "nginx answered instead of gunicorn"
+
+
 NGINX_REFUSALS = {
     "bad request line": (b"GARBAGE\r\n\r\n", 400, "bad_request"),
     "no Host": (b"GET /healthz HTTP/1.1\r\n\r\n", 400, "bad_request"),

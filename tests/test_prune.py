@@ -9,8 +9,8 @@ import uuid
 
 import psycopg
 import pytest
-from support import ROOT, built_app, connect, throwaway_cluster
 from psycopg import errors, sql
+from support import ROOT, built_app, connect, throwaway_cluster
 
 from devtools.cluster import APP_ROLE, OWNER_ROLE, SUPERUSER
 from devtools.ports import free_port
@@ -34,18 +34,19 @@ def prune(database_url: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def prune_in_process(database_url: str, *args: str):
+def prune_in_process(database_url: str, *args: str, **env):
     """The same command through Flask's CLI runner (exit code, and stdout and stderr together)."""
-    with built_app(database_url, IDEMPOTENCY_TTL_S=TTL_S) as app:
+    with built_app(database_url, **{"IDEMPOTENCY_TTL_S": TTL_S, **env}) as app:
         result = app.test_cli_runner().invoke(args=["prune", *args])
     return result.exit_code, result.output
 
 
-def add_key(app_url: str, user_id: str, key: str, age_s: float) -> None:
+def add_key(app_url: str, user_id: str, key: str, age_s: float, status: str = "done", moved_s: float = 0) -> None:
+    """A key created `age_s` seconds ago, last moved (updated_at) `moved_s` seconds ago."""
     with connect(app_url, user_id) as conn:
         conn.execute("insert into idempotency_key (user_id, key, request_hash, status, created_at, updated_at)"
-                     " values (%s, %s, 'h', 'done', now() - make_interval(secs => %s), now())",
-                     (user_id, key, age_s))
+                     " values (%s, %s, 'h', %s, now() - make_interval(secs => %s), now() - make_interval(secs => %s))",
+                     (user_id, key, status, age_s, moved_s))
 
 
 def add_rate_state(app_url: str, user_id: str, tat_from_now_s: float, table: str = "chat_rate_limit") -> None:
@@ -59,11 +60,14 @@ def keys_of(app_url: str, user_id: str) -> list[str]:
         return [row[0] for row in conn.execute("select key from idempotency_key order by key")]
 
 
+RATE_TABLES = ("chat_rate_limit", "write_rate_limit", "export_rate_limit")
+
+
 def rate_state_of(app_url: str, user_id: str) -> int:
-    """The user's rows of both rate limits (chat turns and writes)."""
+    """The user's rows of every rate limit (chat turns, writes, exports)."""
     with connect(app_url, user_id) as conn:
-        return conn.execute("select (select count(*) from chat_rate_limit)"
-                            " + (select count(*) from write_rate_limit)").fetchone()[0]
+        counts = " + ".join(f"(select count(*) from {table})" for table in RATE_TABLES)
+        return conn.execute(f"select {counts}").fetchone()[0]
 
 
 def new_user() -> str:
@@ -80,21 +84,21 @@ def test_prune_deletes_aged_keys_and_idle_rate_state_and_keeps_the_rest(own_clus
     add_key(app_url, alice, "old-3", 30 * 86400)
     idle, limiting = [new_user() for _ in range(3)], [new_user() for _ in range(2)]
     for user in idle:
-        add_rate_state(app_url, user, -60)
-        add_rate_state(app_url, user, -1, "write_rate_limit")
+        for table in RATE_TABLES:
+            add_rate_state(app_url, user, -1, table)
     for user in limiting:
-        add_rate_state(app_url, user, 3600)
-        add_rate_state(app_url, user, 30, "write_rate_limit")
+        for table in RATE_TABLES:
+            add_rate_state(app_url, user, 30, table)
 
     result = prune(own_cluster.url(OWNER_ROLE), "--batch-size", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f"deleted 5 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)",
-        "deleted 6 idle rate-limit rows",
+        "deleted 9 idle rate-limit rows",
     ]
     assert keys_of(app_url, alice) == keys_of(app_url, bob) == ["fresh"]
     assert [rate_state_of(app_url, user) for user in idle] == [0, 0, 0]
-    assert [rate_state_of(app_url, user) for user in limiting] == [2, 2]
+    assert [rate_state_of(app_url, user) for user in limiting] == [3, 3]
 
     code, output = prune_in_process(own_cluster.url(OWNER_ROLE))
     assert code == 0, output
@@ -135,7 +139,7 @@ def test_the_app_role_cannot_prune_and_still_sees_nothing_without_a_user(own_clu
     assert code == 1
     assert "may not prune" in output and "owner" in output and "Traceback" not in output
     for call in ("select prune_idempotency_keys(0, 1000)", "select * from prune_chat_rate_limits('', 1000)",
-                 "select * from prune_write_rate_limits('', 1000)"):
+                 "select * from prune_write_rate_limits('', 1000)", "select * from prune_export_rate_limits('', 1000)"):
         with connect(app_url) as conn, pytest.raises(errors.InsufficientPrivilege):
             conn.execute(call)
 
@@ -171,15 +175,15 @@ def maintenance_url(own_cluster):
             sql.Identifier(MAINTENANCE_ROLE), sql.Literal(MAINTENANCE_PASSWORD)))
     with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION prune_idempotency_keys(double precision, integer),"
-                             " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer)"
-                             " TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
+                             " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer),"
+                             " prune_export_rate_limits(text, integer) TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
     try:
         yield f"postgresql://{MAINTENANCE_ROLE}:{MAINTENANCE_PASSWORD}@127.0.0.1:{own_cluster.port}/chat"
     finally:
         with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
             conn.execute(sql.SQL("REVOKE ALL ON FUNCTION prune_idempotency_keys(double precision, integer),"
-                                 " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer)"
-                                 " FROM {}").format(
+                                 " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer),"
+                                 " prune_export_rate_limits(text, integer) FROM {}").format(
                 sql.Identifier(MAINTENANCE_ROLE)))
         with psycopg.connect(own_cluster.url(SUPERUSER, "postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(MAINTENANCE_ROLE)))
@@ -207,3 +211,38 @@ def test_prune_with_the_database_down_says_so():
 def test_prune_rejects_a_bad_batch_size(own_cluster):
     code, output = prune_in_process(own_cluster.url(OWNER_ROLE), "--batch-size", "0")
     assert code == 2 and "--batch-size" in output
+
+
+def test_a_running_key_stays_until_it_has_not_moved_for_the_ttl(own_cluster):
+    """The finding: prune deleted keys still `running` (a retry had taken an
+    old key over and was answering), and a repeat of that request ran the
+    turn a second time. An old key that moved within the TTL stays; one that
+    has not moved for the TTL either is a dead request's, and goes."""
+    app_url = own_cluster.url(APP_ROLE)
+    user = new_user()
+    add_key(app_url, user, "answering", TTL_S * 2, status="running", moved_s=5)
+    add_key(app_url, user, "dead", TTL_S * 2, status="running", moved_s=TTL_S + 60)
+    add_key(app_url, user, "failed", TTL_S * 2, status="failed", moved_s=5)
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE))
+    assert code == 0, output
+    assert output.splitlines()[0] == f"deleted 2 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)"
+    assert keys_of(app_url, user) == ["answering"]
+
+
+@pytest.mark.parametrize("ttl_s, assistant_timeout_s", [(59, None), (600, 600), (1, 1)])
+def test_prune_refuses_a_ttl_shorter_than_the_stale_bound(own_cluster, ttl_s, assistant_timeout_s):
+    """IDEMPOTENCY_TTL_S below ASSISTANT_TIMEOUT_S + 30 s would expire keys of
+    requests that may still be answering: refused in one line, nothing deleted."""
+    app_url = own_cluster.url(APP_ROLE)
+    user = new_user()
+    add_key(app_url, user, "old", TTL_S * 2)
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE), IDEMPOTENCY_TTL_S=ttl_s,
+                                    ASSISTANT_TIMEOUT_S=assistant_timeout_s)
+    assert code == 1
+    [line] = output.strip().splitlines()
+    assert f"IDEMPOTENCY_TTL_S={ttl_s}" in line and "ASSISTANT_TIMEOUT_S" in line and "Traceback" not in output
+    assert keys_of(app_url, user) == ["old"]
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE), IDEMPOTENCY_TTL_S=(assistant_timeout_s or 30) + 30,
+                                    ASSISTANT_TIMEOUT_S=assistant_timeout_s)
+    assert code == 0, output
+    assert keys_of(app_url, user) == []

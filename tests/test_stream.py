@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from fake_llm import FakeChatCompletions, flood, redirect, stalled, status, streamed, text, trickled
 from support import connect, gunicorn, make_user
-from fake_llm import stalled, status, streamed, text, trickled
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
 EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
@@ -49,8 +49,12 @@ class Stream:
         self.comments = 0
         self.done = False
 
-    def read(self) -> Stream:
-        for line in self.response.iter_lines(chunk_size=1, decode_unicode=True):
+    def read(self, chunk_size: int = 1, within_s: float | None = None) -> Stream:
+        """Every event, read `chunk_size` bytes at a time (1: each event's arrival is timed);
+        `within_s`: fail once the stream has run that long."""
+        self.response.encoding = "utf-8"  # what the protocol says; requests guesses ISO-8859-1 for text/*
+        for line in self.response.iter_lines(chunk_size=chunk_size, decode_unicode=True):
+            assert within_s is None or time.monotonic() - self.started < within_s, "the stream is still going"
             if line.startswith(":"):
                 self.comments += 1
             elif line == "data: [DONE]":
@@ -394,3 +398,90 @@ def test_sigterm_lets_streams_in_flight_finish(app_url, llm):
     for user, result in zip(users, results):
         rows = stored(app_url, user.id, result.of("start")["messageMetadata"]["conversation_id"])
         assert [row[1] for row in rows] == ["user", "assistant"] and rows[1][2] == result.text()
+
+
+# A hostile model server (issue 24): what it sends can neither cut the stream nor poison what is stored.
+
+HOSTILE_PIECES = ["nul \x00 ", "lone \ud800 and \udfff ", "a pair split \ud83d", "\ude00 across chunks", " \U0001f600"]
+HOSTILE_TEXT = "nul \ufffd lone \ufffd and \ufffd a pair split \ufffd\ufffd across chunks \U0001f600"
+HOSTILE_CALLS = [{"id": "call\x00\ud800", "name": "add\udfff", "arguments": {"title": "milk\x00", "\ud800": ["\udfff"]}}]
+STORED_CALLS = [{"id": "call\ufffd\ufffd", "name": "add\ufffd", "arguments": {"title": "milk\ufffd", "\ufffd": ["\ufffd"]}}]
+
+
+def test_nul_and_lone_surrogates_are_streamed_exactly_as_they_are_stored(openai_server, fresh_llm, app_url):
+    fresh_llm.script(streamed(HOSTILE_PIECES, calls=HOSTILE_CALLS, finish_reason="tool_calls",
+                              model="model\x00\ud800"))
+    user = make_user()
+    stream = post_stream(openai_server, user, "say something odd").read()
+    assert_well_formed(stream)
+    row = stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])[1]
+    assert stream.text() == row[2] == HOSTILE_TEXT
+    tools = [event for event in stream.events if event["type"] == "tool-input-available"]
+    assert [(tool["toolCallId"], tool["toolName"], tool["input"]) for tool in tools] == [
+        (call["id"], call["name"], call["arguments"]) for call in STORED_CALLS]
+    assert row[3] == STORED_CALLS
+    assert stream.of("finish")["messageMetadata"]["model"] == row[5] == "model\ufffd\ufffd"
+
+
+@pytest.mark.parametrize("count", [10**400, 10**42], ids=["10**400", "10**42"])
+def test_usage_beyond_a_bigint_is_dropped_not_stored_nor_counted(openai_server, fresh_llm, app_url, count):
+    fresh_llm.script(streamed(["counted"], usage={"prompt_tokens": count, "completion_tokens": 1,
+                                                  "total_tokens": count}, model="absurd-model"))
+    user = make_user()
+    stream = post_stream(openai_server, user, "count this").read()
+    assert_well_formed(stream)
+    assert stream.of("finish")["messageMetadata"]["usage"] is None
+    assert stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])[1][7] is None
+    metrics = requests.get(f"{openai_server.url}/metrics", timeout=10).text
+    assert 'model="absurd-model"' not in metrics
+
+
+def test_a_stream_over_8_mib_is_an_error_event_nothing_is_kept_and_memory_stays_bounded(app_url, llm):
+    """A 64 MiB stream: cut at 8 MiB with a 502 `error` then `[DONE]`; the worker's peak
+    memory grows by far less than the stream (before the cap: about ten times it)."""
+    llm.reset()
+    llm.script(streamed(["warm"]), flood(64 * 1024 * 1024), streamed(["a short one"]))
+    with gunicorn(app_url, workers=1, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                  ASSISTANT_MODEL="fake-model", ASSISTANT_TIMEOUT_S=60) as server:
+        (worker,) = server.worker_pids()
+        user = make_user()
+        post_stream(server, user, "warm up").read()  # the first turn's imports and allocations
+        peak_before = peak_rss_bytes(worker)
+        failed = post_stream(server, user, "flood me", key="flood").read(chunk_size=65536, within_s=60)
+        grown = peak_rss_bytes(worker) - peak_before
+        assert failed.types[:3] == EVENT_ORDER_HEAD and failed.types[-1] == "error" and failed.done, failed.types[-3:]
+        assert "too large" in failed.of("error")["errorText"] and "finish" not in failed.types
+        assert len(failed.text()) <= 8 * 1024 * 1024
+        conversation_id = failed.of("start")["messageMetadata"]["conversation_id"]
+        assert [row[1] for row in stored(app_url, user.id, conversation_id)] == ["user"]
+        assert grown < 150 * 1024 * 1024, grown
+        retried = post_stream(server, user, "flood me", key="flood").read()
+        assert_well_formed(retried)
+        assert [row[1] for row in stored(app_url, user.id, conversation_id)] == ["user", "assistant"]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status_file:
+        line = next(line for line in status_file if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.parametrize("code", [302, 307])
+def test_a_redirect_is_an_error_event_and_its_target_is_never_contacted(openai_server, fresh_llm, code):
+    with FakeChatCompletions(default=text("SECRET FROM INTERNAL SERVICE")) as elsewhere:
+        fresh_llm.script(redirect(code, f"{elsewhere.base_url}/chat/completions"))
+        stream = post_stream(openai_server, make_user(), "where to?").read()
+    assert stream.types == [*EVENT_ORDER_HEAD, "error"] and stream.done
+    assert f"HTTP {code}" in stream.of("error")["errorText"]
+    assert elsewhere.requests == []
+
+
+def test_tool_call_arguments_nested_too_deeply_are_an_error_event(openai_server, fresh_llm, app_url):
+    deep = '{"a": ' * 500 + "1" + "}" * 500
+    fresh_llm.script(streamed(["calling"], calls=[{"id": "c", "name": "t", "arguments": deep}]))
+    user = make_user()
+    stream = post_stream(openai_server, user, "nest").read()
+    assert stream.types == [*EVENT_ORDER_HEAD, "text-delta", "error"] and stream.done
+    assert "nested too deeply" in stream.of("error")["errorText"]
+    assert [row[1] for row in stored(app_url, user.id, stream.of("start")["messageMetadata"]["conversation_id"])] \
+        == ["user"]

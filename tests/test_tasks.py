@@ -181,6 +181,18 @@ def test_unknown_route_is_404_json(client):
     assert response.status_code == 404 and response.is_json
 
 
+@pytest.mark.parametrize("path", ["tasks/abc", "tasks/-1", "tasks/1.5/complete", "conversations/not-a-uuid",
+                                  "conversations/12345/messages"])
+def test_a_malformed_id_in_the_path_is_a_short_404_that_says_what_an_id_is(client, alice, path):
+    """The finding: Werkzeug's paragraph ("...If you entered the URL manually please check your
+    spelling and try again.") was the JSON error's message."""
+    response = client.get(f"/api/{alice.id}/{path}", headers=alice.headers)
+    assert response.status_code == 404
+    error = response.get_json()["error"]
+    assert error["code"] == "not_found" and len(error["message"]) < 100
+    assert "integer" in error["message"] and "UUID" in error["message"]
+
+
 def insert_tasks(app_url, user, count: int, *, completed_every: int = 0) -> None:
     """`count` tasks straight into the table as the app role (faster than the API)."""
     with connect(app_url, user.id) as conn:
@@ -209,7 +221,7 @@ def follow(client, user, url):
         ids += [task["id"] for task in response.get_json()]
         sizes.append(len(response.get_json()))
         url = next_link(response)
-        assert url is None or url.startswith("http://localhost/api/")
+        assert url is None or url.startswith(f"/api/{user.id}/tasks?")
     return ids, sizes
 
 
@@ -239,6 +251,16 @@ def test_the_default_page_is_a_thousand_tasks(client, alice, app_url):
     assert len(first.get_json()) == 1000 and "limit=1000" in next_link(first)
     ids, sizes = follow(client, alice, f"/api/{alice.id}/tasks")
     assert sizes == [1000, 1] and len(set(ids)) == 1001
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8443", "localhost@evil.example"])
+def test_the_next_page_link_is_relative_whatever_the_host_header(client, alice, app_url, host):
+    """The finding: the link was absolute, built from the request's Host
+    header, so a client or proxy that set it sent the next page elsewhere."""
+    insert_tasks(app_url, alice, 2)
+    response = client.get(f"/api/{alice.id}/tasks?limit=1", headers={**alice.headers, "Host": host})
+    assert response.status_code == 200
+    assert next_link(response).startswith(f"/api/{alice.id}/tasks?") and "evil" not in response.headers["Link"]
 
 
 def test_a_full_last_page_has_no_link(client, alice, app_url):

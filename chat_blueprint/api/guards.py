@@ -2,7 +2,9 @@
 one hook per concern, in this order:
 
 1. `authenticate`: the token's user is the path's user (401, 403); a CORS
-   preflight carries no token and runs no view, so it passes untouched;
+   preflight carries no token and runs no view, so it passes untouched. A
+   verified `sub` is at most 255 characters (auth.MAX_USER_ID_CHARS), so a
+   longer user id in the path is a 403 here, before any statement runs;
 2. `ids_in_range`: an integer id in the path that no bigint can hold names
    nothing (404);
 3. `isolation_in_force`: 503 while the isolation check fails (db/isolation.py);

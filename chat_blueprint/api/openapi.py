@@ -220,17 +220,30 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     )
 
 
+EXPORT_ERRORS = {
+    "429": ("over EXPORT_RATE_LIMIT (6/hour per user by default; `rate_limited`), or an export of this user is "
+            "still being sent by this server (`export_in_progress`)", RETRY_AFTER),
+    "503": ("the database is unavailable, or this server is sending EXPORT_CONCURRENCY exports already "
+            "(`exports_busy`)", RETRY_AFTER),
+    "507": ("the document is larger than EXPORT_MAX_BYTES (`export_too_large`): nothing is sent", {}),
+}
+
+
 def _user_data_paths(spec: APISpec) -> None:
     export = _operation("exportUserData", "Download every row of the user as one JSON document", "200",
-                        "the user's tasks, conversations and their messages, written out as they are read",
-                        "Export", errors=("401", "403", "503"))
+                        "the user's tasks, conversations and their messages, read from one snapshot",
+                        "Export", errors=("401", "403"))
     export["responses"]["200"]["headers"] = {
         "Content-Disposition": _header('`attachment; filename="chat-export.json"`'),
+        "Content-Length": {**_header("the size of the document in bytes"), "schema": {"type": "integer"}},
     }
+    for status, (description, headers) in EXPORT_ERRORS.items():
+        export["responses"][status] = {"description": description, "content": _json("Error"),
+                                       **({"headers": headers} if headers else {})}
     spec.path(path="/api/{user_id}/export", parameters=[USER_ID], operations={"get": export})
     spec.path(path="/api/{user_id}/data", parameters=[USER_ID], operations={"delete": _operation(
         "eraseUserData", "Erase every row of the user in every table (the hook an account deletion calls)",
-        "204", "erased; also when there was nothing left to erase", errors=("401", "403", "503"))})
+        "204", "erased, in batches; also when there was nothing left to erase", errors=("401", "403", "429", "503"))})
 
 
 def _service_paths(spec: APISpec) -> None:

@@ -19,14 +19,17 @@ tasks_schema = TaskSchema(many=True)
 def list_tasks():
     """The user's tasks, newest first, optionally only pending or completed
     ones, `limit` at a time; a `Link: <...>; rel="next"` header names the next
-    page while more follow (the body stays a plain JSON array)."""
+    page while more follow (the body stays a plain JSON array). The link is a
+    relative reference (`</api/...>`), resolved by the client against the URL
+    it asked: one built from the `Host` header would name whatever host a
+    client or a proxy put there."""
     args = query_args(TaskListQuerySchema())
     page, next_cursor = tasks.list_tasks(db.session, g.user_id, args["status"], args["limit"],
                                                 args["cursor"])
     response = jsonify(tasks_schema.dump(page))
     if next_cursor is not None:
         next_url = url_for("tasks.list_tasks", user_id=g.path_user_id, status=args["status"], limit=args["limit"],
-                           cursor=next_cursor, _external=True)
+                           cursor=next_cursor)
         response.headers["Link"] = f'<{next_url}>; rel="next"'
     return response
 

@@ -19,8 +19,9 @@ class BuiltinAssistant:
     def reply(self, history: Sequence[HistoryMessage], turn: int, *, user_id: str | None = None) -> Reply:
         message = history[-1].content if history else ""
         echoed = message if len(message) <= ECHO_CHARS else message[:ECHO_CHARS] + "..."
-        return Reply(text=f"turn {turn}: you said \"{echoed}\" ({len(history)} messages in view)", tool_calls=[],
-                     model=MODEL, finish_reason="stop", usage=None)
+        in_view = f"{len(history)} message" if len(history) == 1 else f"{len(history)} messages"
+        return Reply(text=f"turn {turn}: you said \"{echoed}\" ({in_view} in view)", tool_calls=[], model=MODEL,
+                     finish_reason="stop", usage=None)
 
     def stream(self, history: Sequence[HistoryMessage], turn: int, *,
                user_id: str | None = None) -> Iterator[str | Reply]:

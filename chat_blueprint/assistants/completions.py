@@ -1,12 +1,25 @@
 """What a Chat Completions server answers, checked and turned into a `Reply`:
 a whole completion (`reply_from`) or the chunks of a streamed one
 (`StreamedReply`). Nothing validates a body before this, so every field is
-checked here, and anything unusable is an `AssistantError`."""
+checked here, and anything unusable is an `AssistantError`.
+
+A hostile server is expected too: numbers it reports that no column can hold
+are dropped, and tool calls are bounded in number and in nesting, since every
+reader of a stored reply (Python's JSON, psycopg's, the window sent back to
+the model) recurses once per level."""
 from __future__ import annotations
 
 import json
 
 from . import AssistantError, Reply
+
+# Usage counts are stored as JSON and added to counters: beyond a bigint they are not counts.
+BIGINT_MAX = 2**63 - 1
+# Tool-call arguments nested deeper than this are refused: real ones nest a few levels.
+MAX_ARGUMENT_DEPTH = 64
+NESTED_TOO_DEEPLY = "the assistant backend sent tool-call arguments nested too deeply"
+# Tool calls in one reply: each costs memory however few bytes it took to send.
+MAX_TOOL_CALLS = 128
 
 
 def reply_from(completion) -> Reply:
@@ -29,6 +42,8 @@ def reply_from(completion) -> Reply:
     calls = _field(message, "tool_calls") or []
     if not isinstance(calls, list):
         raise AssistantError("the assistant backend answered with a malformed tool call")
+    if len(calls) > MAX_TOOL_CALLS:
+        raise AssistantError("the assistant backend sent too many tool calls")
     calls = [_tool_call(call) for call in calls]
     if not content and not calls:
         raise AssistantError("the assistant backend answered with an empty reply")
@@ -78,8 +93,10 @@ class StreamedReply:
 
     def _add_tool_call(self, fragment) -> None:
         index = _field(fragment, "index")
-        if not isinstance(index, int):
+        if not _is_count(index):
             raise AssistantError("the assistant backend streamed a malformed tool call")
+        if index >= MAX_TOOL_CALLS:
+            raise AssistantError("the assistant backend sent too many tool calls")
         call = self.calls.setdefault(index, {"id": None, "name": "", "arguments": ""})
         function = _field(fragment, "function")
         call["id"] = _field(fragment, "id") or call["id"]
@@ -109,12 +126,16 @@ def _finish_reason(reason) -> str | None:
 
 
 def _usage(usage) -> dict | None:
-    """`{"prompt_tokens", "completion_tokens", "total_tokens"}` when the backend reported all three as counts."""
+    """`{"prompt_tokens", "completion_tokens", "total_tokens"}` when the backend reported all three as counts
+    a bigint holds; anything else (10**400 is an int to Python's JSON) is no usage at all."""
     counts = {name: _field(usage, name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    if usage is None or not all(isinstance(value, int) and not isinstance(value, bool) and value >= 0
-                                for value in counts.values()):
+    if usage is None or not all(_is_count(value) and value <= BIGINT_MAX for value in counts.values()):
         return None
     return counts
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _tool_call(call) -> dict:
@@ -128,6 +149,23 @@ def _parsed_tool_call(call_id, name, arguments) -> dict:
         raise AssistantError("the assistant backend answered with a malformed tool call")
     try:
         parsed = json.loads(arguments) if arguments.strip() else {}
+    except RecursionError:  # deeper than the parser itself goes
+        raise AssistantError(NESTED_TOO_DEEPLY) from None
     except ValueError:
         raise AssistantError("the assistant backend sent tool-call arguments that are not JSON") from None
+    if _nested_deeper(parsed, MAX_ARGUMENT_DEPTH):
+        raise AssistantError(NESTED_TOO_DEEPLY)
     return {"id": call_id, "name": name, "arguments": parsed}
+
+
+def _nested_deeper(value, limit: int) -> bool:
+    """Whether parsed JSON nests arrays and objects more than `limit` levels deep,
+    found without recursion (which is what it guards against)."""
+    pending = [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            pending.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return False

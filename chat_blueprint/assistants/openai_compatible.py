@@ -18,6 +18,13 @@ check the call's deadline at every piece (a server trickling its answer), and
 have the socket shut at the deadline (a server that stalls: see deadlines.py),
 so ASSISTANT_TIMEOUT_S bounds the whole answer, first byte to last.
 
+The server is not trusted further than that either. Both forms read at most
+MAX_ANSWER_BYTES of body, counted as the bytes arrive (before any parsing, so
+the SSE decoder's buffer is bounded too), and close the connection once it is
+passed. Redirects are not followed: a 3xx is an error status like any other,
+so the window is never re-sent to, nor an answer taken from, another host.
+Error statuses are refused as soon as their headers arrive (statuses.py).
+
 The request goes through the client's documented `post()` for custom
 requests rather than `chat.completions.create()`: the latter walks every
 message through its typed-parameter transform, which cost about 7 ms of CPU
@@ -28,20 +35,20 @@ error classes and the parsed `ChatCompletion` are the same.
 The API key is sent as the bearer token and nowhere else: error messages
 are composed here from the status code and a short error code, never from
 the upstream body (which may echo the key), and the original exception is
-not chained.
+not chained. What logs may name of the server is `endpoint`: the host and
+port of ASSISTANT_BASE_URL, never its credentials, path or query.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-import math
-import re
 import time
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
+from contextvars import ContextVar
 from itertools import dropwhile
 from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -51,19 +58,16 @@ from openai.types.chat import ChatCompletion
 from . import AssistantError, AssistantTimeout, HistoryMessage, Reply
 from .completions import StreamedReply, reply_from
 from .deadlines import WATCHDOG, network_socket
+from .statuses import ERROR_BODY_BYTES, status_error
 
 NO_API_KEY = "unused"
-SAFE_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-# Statuses that say the model server (or a gateway before it) timed out: a 504 here too.
-TIMEOUT_STATUSES = (408, 504)
-# Statuses whose Retry-After is passed on, and the longest wait passed on.
-RETRY_AFTER_STATUSES = (429, 503)
-RETRY_AFTER_MAX_S = 60
-# A blocking answer larger than this is refused rather than held in memory.
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# An answer larger than this, in bytes received (blocking or streamed), is refused rather than held in memory.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 # Joins consecutive messages of one role into one (see `messages`).
 MERGED_SEPARATOR = "\n\n"
 USER_HASH_CONTEXT = b"assistant-user:"
+# The deadline of the call in progress, for the client's response hook (`_refuse_error_status`).
+_CALL_DEADLINE: ContextVar[float] = ContextVar("assistant_call_deadline")
 
 
 class OpenAICompatibleAssistant:
@@ -74,6 +78,7 @@ class OpenAICompatibleAssistant:
                  temperature: float | None = None, max_tokens: int | None = None,
                  user_key: str | None = None):
         self.model = model
+        self.endpoint = urlsplit(base_url).netloc.rpartition("@")[2]  # host[:port], without user:password@
         self.system_prompt = system_prompt
         self.timeout_s = timeout_s
         self._api_key = api_key
@@ -91,6 +96,8 @@ class OpenAICompatibleAssistant:
             api_key=api_key or NO_API_KEY,
             timeout=timeout_s,
             max_retries=0,
+            http_client=openai.DefaultHttpxClient(follow_redirects=False,
+                                                  event_hooks={"response": [self._refuse_error_status]}),
         )
 
     @classmethod
@@ -115,13 +122,8 @@ class OpenAICompatibleAssistant:
         """
         deadline = time.monotonic() + self.timeout_s
         with self._mapped_errors(deadline):
-            body, size = [], 0
-            for piece in self._within(deadline, self.request_body(history, user_id), _BodyPieces):
-                size += len(piece)
-                if size > MAX_BODY_BYTES:
-                    raise AssistantError("the assistant backend's answer is too large")
-                body.append(piece)
-            completion = json.loads(b"".join(body))
+            body = b"".join(self._within(deadline, self.request_body(history, user_id), _BodyPieces))
+            completion = json.loads(body)
         return reply_from(completion)
 
     def stream(self, history: Sequence[HistoryMessage], turn: int, *,
@@ -147,8 +149,12 @@ class OpenAICompatibleAssistant:
         """POST `body` and yield what `stream_cls` reads of the response as it arrives, all
         by `deadline`: checked at every item and at the end (an answer the watchdog cut
         short is not an answer), with the socket shut at the deadline meanwhile."""
-        items = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
-                                  stream_cls=stream_cls)
+        token = _CALL_DEADLINE.set(deadline)
+        try:
+            items = self._client.post("/chat/completions", cast_to=ChatCompletion, body=body, stream=True,
+                                      stream_cls=stream_cls)
+        finally:
+            _CALL_DEADLINE.reset(token)
         with items, WATCHDOG.guard(deadline, network_socket(items.response)):
             for item in items:
                 _check(deadline)
@@ -170,6 +176,19 @@ class OpenAICompatibleAssistant:
         digest = hmac.new(self._user_key, USER_HASH_CONTEXT + user_id.encode(), hashlib.sha256)
         return digest.hexdigest()[:32]
 
+    def _refuse_error_status(self, response) -> None:
+        """The HTTP client's response hook: a status other than 2xx fails the call here, once
+        at most ERROR_BODY_BYTES of its body are read by the call's deadline (statuses.py)."""
+        if response.is_success:
+            return
+        head = b""
+        with WATCHDOG.guard(_CALL_DEADLINE.get(), network_socket(response)):
+            for piece in _received(response):
+                head += piece
+                if len(head) >= ERROR_BODY_BYTES:
+                    break
+        raise status_error(response.status_code, response.headers, head, self._redact)
+
     @contextmanager
     def _mapped_errors(self, deadline: float):
         """The client's failures as AssistantError / AssistantTimeout, never chained (they may hold the key)."""
@@ -177,15 +196,10 @@ class OpenAICompatibleAssistant:
             yield
         except AssistantError:
             raise
-        except (openai.OpenAIError, ValueError) as exc:
+        except (openai.OpenAIError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
             raise self._mapped(exc, deadline) from None
 
     def _mapped(self, exc: Exception, deadline: float) -> AssistantError:
-        if isinstance(exc, openai.APIStatusError):
-            message = self._redact(_status_message(exc))
-            if exc.status_code in TIMEOUT_STATUSES:
-                return AssistantTimeout(message)
-            return AssistantError(message, retry_after_s=_retry_after(exc))
         if isinstance(exc, openai.APITimeoutError) or time.monotonic() >= deadline:
             # Past the deadline, a broken connection or a cut body is the watchdog's doing.
             return AssistantTimeout("the assistant backend did not answer in time")
@@ -239,30 +253,42 @@ def _check(deadline: float) -> None:
         raise AssistantTimeout("the assistant backend did not finish in time")
 
 
+def _received(response) -> Iterator[bytes]:
+    """The body's bytes in the pieces they arrive in, MAX_ANSWER_BYTES at most (the
+    caller's `finally` then closes the connection, which stops the server); a timeout
+    or a broken connection raised as the client's own errors."""
+    size = 0
+    try:
+        for piece in response.iter_bytes():
+            size += len(piece)
+            if size > MAX_ANSWER_BYTES:
+                raise AssistantError("the assistant backend's answer is too large")
+            yield piece
+    except httpx2.TimeoutException:
+        raise openai.APITimeoutError(request=response.request) from None
+    except httpx2.TransportError:
+        raise openai.APIConnectionError(request=response.request) from None
+
+
 class _BodyPieces(Stream[bytes]):
     """The client's response (its status and error handling done) with the body left
-    unread: its bytes in the pieces they arrive in, a timeout or a broken connection
-    raised as the client's own errors."""
+    unread: its bytes as `_received` reads them."""
 
     def __stream__(self):
         try:
-            yield from self.response.iter_bytes()
-        except httpx2.TimeoutException:
-            raise openai.APITimeoutError(request=self.response.request) from None
-        except httpx2.TransportError:
-            raise openai.APIConnectionError(request=self.response.request) from None
+            yield from _received(self.response)
         finally:
             self.response.close()
 
 
 class _ChunkDicts(Stream[dict]):
-    """The client's stream (its SSE decoder, error events and error mapping), but
-    each chunk left as the parsed JSON dict: building a typed model per chunk cost
-    about three quarters of a streamed turn's CPU (docs/benchmarks.md)."""
+    """The client's SSE decoder over the bytes `_received` reads, each chunk left as
+    the parsed JSON dict: building a typed model per chunk cost about three quarters
+    of a streamed turn's CPU (docs/benchmarks.md)."""
 
     def __stream__(self):
         try:
-            for sse in self._iter_events():
+            for sse in self._decoder.iter_bytes(_received(self.response)):
                 if sse.data.startswith("[DONE]"):
                     break
                 data = sse.json()
@@ -276,32 +302,3 @@ class _ChunkDicts(Stream[dict]):
 def _describe_tool_call(call: dict) -> str:
     arguments = json.dumps(call.get("arguments"), ensure_ascii=False)
     return f"[called tool {call.get('name')} with {arguments}]"
-
-
-def _retry_after(exc: openai.APIStatusError) -> int | None:
-    """The wait a 429 or 503 asked for, in whole seconds (at most RETRY_AFTER_MAX_S): from
-    `retry-after-ms` (OpenAI's) or `Retry-After` (seconds or an HTTP date); None without one."""
-    if exc.status_code not in RETRY_AFTER_STATUSES:
-        return None
-    headers = exc.response.headers
-    seconds = None
-    try:
-        if headers.get("retry-after-ms"):
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif headers.get("retry-after", "").strip().isdigit():
-            seconds = int(headers["retry-after"])
-        elif headers.get("retry-after"):
-            seconds = parsedate_to_datetime(headers["retry-after"]).timestamp() - time.time()
-    except (ValueError, TypeError, OverflowError):
-        return None
-    if seconds is None or not math.isfinite(seconds):
-        return None
-    return min(max(math.ceil(seconds), 0), RETRY_AFTER_MAX_S)
-
-
-def _status_message(exc: openai.APIStatusError) -> str:
-    """HTTP status plus the upstream error code when it is a short identifier; never the upstream text."""
-    body = exc.body if isinstance(exc.body, dict) else {}
-    code = next((value for value in (body.get("code"), body.get("type")) if isinstance(value, str)), None)
-    detail = f" ({code})" if code and SAFE_ERROR_CODE.fullmatch(code) else ""
-    return f"the assistant backend answered HTTP {exc.status_code}{detail}"

@@ -1,15 +1,34 @@
 """Is user isolation in force for the connected role?
 
-It is not when the role is a superuser, has BYPASSRLS, owns one of the tables
-or is a member of a role that does (an owner can `ALTER TABLE ... NO FORCE
-ROW LEVEL SECURITY`, or drop the policies), or when a table lacks enabled and
-forced row-level security.
+It is not when a table lacks enabled and forced row-level security, or when
+the role is, or can become, a role that is a superuser, has BYPASSRLS, owns
+one of the tables (an owner can `ALTER TABLE ... NO FORCE ROW LEVEL
+SECURITY`, or drop the policies), or is `pg_read_all_data` /
+`pg_write_all_data`. These two read or write every table whatever its grants
+say; the policies still hold for them, but a role that needs no grant is not
+the least-privileged role the app is meant to run as.
 
-Serving refuses to start when it is not (see `runtime/startup.py`), `/readyz` reports
-the same as a 503, and while serving each process repeats the check at least
-every ISOLATION_CHECK_INTERVAL_S seconds, answering API requests 503 while it
-fails: a role altered after start-up (`ALTER ROLE chat_app BYPASSRLS`, `GRANT
-chat_owner TO chat_app`) stops being served within that interval.
+"Can become" follows every chain of memberships in `pg_auth_members`, whatever
+INHERIT says: a role inherits no attribute (SUPERUSER, BYPASSRLS) from its
+groups, but a member can `SET ROLE` to any of them, and a bug or an injection
+that runs SQL as the app role can too. That is how Neon's console roles,
+members of `neon_superuser` (BYPASSRLS), are caught. On PostgreSQL 16 and
+later a grant says what it allows; the only one not followed is a grant with
+SET, INHERIT and ADMIN all false, which allows nothing (ADMIN lets a member
+grant the role to itself, so it counts). Everything else counts, even where a
+chain of mixed grants could not in fact be walked: refusing a harmless role is
+fixed with one REVOKE, serving a dangerous one is not. The owner of the
+database is also a member of `pg_database_owner`, as PostgreSQL itself has it.
+The walk starts from `session_user` too when it differs from `current_user`
+(a login role that `ALTER ROLE ... SET role` switches at connect time can
+`RESET ROLE`).
+
+Serving refuses to start when isolation is not in force (see
+`runtime/startup.py`), `/readyz` reports the same as a 503, and while serving
+each process repeats the check at least every ISOLATION_CHECK_INTERVAL_S
+seconds, answering API requests 503 while it fails: a role altered after
+start-up (`ALTER ROLE chat_app BYPASSRLS`, `GRANT neon_superuser TO chat_app`)
+stops being served within that interval. The check is two queries.
 """
 from __future__ import annotations
 
@@ -24,16 +43,43 @@ from .models import ISOLATED_TABLES
 
 log = logging.getLogger(__name__)
 
-ROLE_QUERY = "select rolname, rolsuper, rolbypassrls from pg_roles where rolname = current_user"
-# Per table: RLS enabled and forced, its owner, and whether the current role
-# is that owner or a member of it, directly or through other roles, with or
-# without INHERIT (a member without INHERIT can still SET ROLE to the owner).
+# Roles a member of which may read or write every table, whatever its grants.
+ALL_DATA_ROLES = {"pg_read_all_data": "may read every table", "pg_write_all_data": "may write every table"}
+
+# Every role the connected role is or can become, with its shortest chain of
+# memberships, when it is a superuser, has BYPASSRLS, owns one of the tables
+# (and which), or is one of ALL_DATA_ROLES. `to_jsonb(m)` reads PostgreSQL 16's
+# set_option and inherit_option where they exist: the same text runs on 15,
+# where every grant allows SET ROLE. The name guard keeps a cycle (which
+# PostgreSQL forbids anyway) from recursing forever.
+ROLES_QUERY = """
+with recursive grant_edge(member, granted) as (
+    select m.member, m.roleid from pg_auth_members m
+    where m.admin_option
+       or coalesce((to_jsonb(m) ->> 'set_option')::boolean or (to_jsonb(m) ->> 'inherit_option')::boolean, true)
+  union all
+    select d.datdba, 'pg_database_owner'::regrole::oid from pg_database d where d.datname = current_database()
+), reachable(oid, chain) as (
+    select r.oid, array[r.rolname::text] from pg_roles r where r.rolname in (current_user, session_user)
+  union all
+    select g.oid, reachable.chain || g.rolname::text
+    from reachable
+    join grant_edge e on e.member = reachable.oid
+    join pg_roles g on g.oid = e.granted
+    where g.rolname <> all(reachable.chain)
+), shortest as (
+    select distinct on (oid) oid, chain from reachable order by oid, cardinality(chain), chain
+)
+select r.rolname, s.chain, r.rolsuper, r.rolbypassrls,
+       array(select t.name from unnest(%(tables)s::text[]) with ordinality as t(name, position)
+             join pg_class c on c.oid = to_regclass(t.name) where c.relowner = r.oid order by t.position)
+from shortest s join pg_roles r on r.oid = s.oid
+order by cardinality(s.chain), r.rolname
+"""
 TABLES_QUERY = (
-    "select t.name, c.relrowsecurity, c.relforcerowsecurity, owner.rolname,"
-    " coalesce(pg_has_role(current_user, c.relowner, 'MEMBER'), false)"
+    "select t.name, c.relrowsecurity, c.relforcerowsecurity"
     " from unnest(%s::text[]) with ordinality as t(name, position)"
     " left join pg_class c on c.oid = to_regclass(t.name)"
-    " left join pg_roles owner on owner.oid = c.relowner"
     " order by t.position"
 )
 
@@ -44,28 +90,36 @@ def isolation_problems(cursor) -> list[str]:
     `cursor` is a DB-API (psycopg) cursor, so this runs from the gunicorn
     master before the app exists, and from the app on its own connection.
     """
-    problems = []
-    cursor.execute(ROLE_QUERY)
-    role, is_superuser, bypasses_rls = cursor.fetchone()
-    if is_superuser:
-        problems.append(f"database role {role!r} is a superuser, which bypasses row-level security")
-    if bypasses_rls:
-        problems.append(f"database role {role!r} has BYPASSRLS")
+    cursor.execute(ROLES_QUERY, {"tables": list(ISOLATED_TABLES)})
+    problems = [problem for row in cursor.fetchall() for problem in role_problems(*row)]
     cursor.execute(TABLES_QUERY, (list(ISOLATED_TABLES),))
-    owned: dict[str, list[str]] = {}
-    for name, enabled, forced, owner, may_act_as_owner in cursor.fetchall():
+    for name, enabled, forced in cursor.fetchall():
         if enabled is None:
             problems.append(f"table {name!r} does not exist (run: flask --app wsgi db upgrade)")
-            continue
-        if not (enabled and forced):
+        elif not (enabled and forced):
             problems.append(f"table {name!r} does not have row-level security enabled and forced")
-        if may_act_as_owner and not is_superuser:
-            owned.setdefault(owner, []).append(name)
-    for owner, tables in owned.items():
-        whose = "owns" if owner == role else f"is a member of role {owner!r}, which owns"
-        problems.append(f"database role {role!r} {whose} table{'s' if len(tables) > 1 else ''} "
-                        f"{', '.join(tables)} (an owner can turn row-level security off)")
     return problems
+
+
+def role_problems(name: str, chain: list[str], is_superuser: bool, bypasses_rls: bool,
+                  owned: list[str]) -> list[str]:
+    """Why role `name`, which the connected role is (a chain of one) or can
+    become (through `chain`), could turn isolation off, as sentences: one per
+    reason for the role itself, one naming the chain for a role it can become."""
+    reasons = []
+    if is_superuser:
+        reasons.append("is a superuser, which bypasses row-level security" if len(chain) == 1 else "is a superuser")
+    if bypasses_rls:
+        reasons.append("has BYPASSRLS")
+    if owned:
+        reasons.append(f"owns table{'s' if len(owned) > 1 else ''} {', '.join(owned)}"
+                       " (an owner can turn row-level security off)")
+    if name in ALL_DATA_ROLES:
+        reasons.append(ALL_DATA_ROLES[name])
+    if len(chain) == 1 or not reasons:
+        return [f"database role {name!r} {reason}" for reason in reasons]
+    return [f"database role {chain[0]!r} is a member of role {name!r} ({' -> '.join(chain)}), "
+            f"which {' and '.join(reasons)}"]
 
 
 class IsolationNotInForce(ApiError):

@@ -170,4 +170,15 @@ class WriteRateLimit(db.Model):
     tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit")
+class ExportRateLimit(db.Model):
+    """A user's export rate state (EXPORT_RATE_LIMIT): the GCRA theoretical arrival time."""
+
+    __tablename__ = "export_rate_limit"
+    __table_args__ = (CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),)
+
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit",
+                   "export_rate_limit")

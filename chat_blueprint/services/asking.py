@@ -8,6 +8,7 @@ import time
 from ..assistants import Assistant, AssistantError, AssistantTimeout, Reply, stream_reply
 from ..errors import ApiError
 from ..runtime.metrics import observe_assistant, observe_tokens
+from .storable import storable_text
 from .turn_relay import Delta
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ class AssistantFailed(ApiError):
     def __init__(self, status: int, code: str, message: str, pending, headers=None):
         super().__init__(status, code, message, headers, conversation_id=str(pending.conversation_id),
                          user_message_id=pending.user_message_id)
-
 
 
 class Asking:
@@ -41,7 +41,11 @@ class Asking:
         return reply
 
     def stream(self, pending, emit) -> Reply:
-        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it comes."""
+        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it comes.
+
+        Each piece goes out made storable (NUL and lone surrogates as U+FFFD), as
+        `finish` will store the whole reply, so the pieces add up to what is stored
+        and none can break the event it is sent in."""
         started = time.perf_counter()
         try:
             for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
@@ -49,7 +53,7 @@ class Asking:
                     reply = item
                     break
                 if item:
-                    emit(Delta(item))
+                    emit(Delta(storable_text(item)))
             else:
                 raise AssistantError("the assistant's stream ended without a reply")
         except Exception as failure:  # noqa: BLE001 - as in `ask`
@@ -64,8 +68,10 @@ class Asking:
             # By the model the server reported, else the one asked for (ASSISTANT_MODEL).
             observe_tokens(self.backend, reply.model or getattr(self.assistant, "model", None), reply.usage)
 
-    @staticmethod
-    def assistant_failed(pending, failure: Exception) -> AssistantFailed:
+    def assistant_failed(self, pending, failure: Exception) -> AssistantFailed:
+        """The client's 502 or 504, and the operator's log line: what went wrong (an AssistantError's
+        message is composed by the backend, never the upstream's text) and, for a backend that says
+        where it calls (`endpoint`, host and port only), which server let the turn down."""
         if isinstance(failure, AssistantTimeout):
             status, code, message = 504, "assistant_timeout", "the assistant did not answer in time"
         elif isinstance(failure, AssistantError):
@@ -73,7 +79,10 @@ class Asking:
         else:
             log.error("assistant raised an unexpected error", exc_info=failure)
             status, code, message = 502, "assistant_failed", "the assistant failed"
-        log.warning("chat turn unanswered: %s (%s)", code, type(failure).__name__)
+        what = f"{type(failure).__name__}: {failure}" if isinstance(failure, AssistantError) else type(failure).__name__
+        endpoint = getattr(self.assistant, "endpoint", None)
+        log.warning("chat turn unanswered: %s (%s)%s", code, what,
+                    f"; assistant backend at {endpoint}" if endpoint else "")
         retry_after_s = getattr(failure, "retry_after_s", None)
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
         return AssistantFailed(status, code, message, pending, headers)

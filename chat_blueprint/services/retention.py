@@ -8,9 +8,16 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from .turns import STALE_GRACE_S
+
 PRUNE_KEYS = text("SELECT prune_idempotency_keys(:ttl_s, :batch_size)")
 PRUNE_RATE_LIMITS = tuple(text(f"SELECT deleted, last_user_id FROM {function}(:after, :batch_size)")
-                          for function in ("prune_chat_rate_limits", "prune_write_rate_limits"))
+                          for function in ("prune_chat_rate_limits", "prune_write_rate_limits",
+                                           "prune_export_rate_limits"))
+
+
+class TtlTooShort(ValueError):
+    """A TTL under which a key could be deleted while its request still runs."""
 
 
 @dataclass(frozen=True)
@@ -19,11 +26,24 @@ class Pruned:
     rate_limits: int
 
 
-def prune(engine: Engine, ttl_s: int, batch_size: int) -> Pruned:
+def shortest_ttl_s(assistant_timeout_s: float) -> float:
+    """The shortest key TTL prune accepts: the app's stale bound. A `running`
+    key that moved more recently may belong to a turn still answering, and
+    deleting it would let a repeat of that request run the turn again."""
+    return assistant_timeout_s + STALE_GRACE_S
+
+
+def prune(engine: Engine, ttl_s: int, batch_size: int, assistant_timeout_s: float) -> Pruned:
     """Delete idempotency keys older than `ttl_s` and rate-limit rows that no
     longer limit anything, `batch_size` rows per transaction, so no lock or
-    transaction grows with the tables. Needs a role that may execute the
-    prune functions (the owner, or one it granted EXECUTE to)."""
+    transaction grows with the tables. A key still `running` stays until it
+    has not moved for `ttl_s` either, and a `ttl_s` shorter than the app's stale
+    bound is refused (TtlTooShort) before anything is deleted. Needs a role
+    that may execute the prune functions (the owner, or one it granted EXECUTE to)."""
+    if ttl_s < shortest_ttl_s(assistant_timeout_s):
+        raise TtlTooShort(f"IDEMPOTENCY_TTL_S={ttl_s} is shorter than ASSISTANT_TIMEOUT_S + {STALE_GRACE_S} s "
+                          f"({shortest_ttl_s(assistant_timeout_s):g} s): a key that young may belong to a turn "
+                          "still running; give prune the app's values")
     keys = rate_limits = 0
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="AUTOCOMMIT")

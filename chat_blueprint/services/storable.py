@@ -4,6 +4,7 @@ JSON escapes) in its text, its tool calls or what it reports."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import psycopg
 
@@ -12,18 +13,19 @@ from ..assistants import Reply
 # What storing a reply raises when it holds something PostgreSQL refuses that
 # `storable` did not foresee: the assistant's fault (502), not the client's.
 UNSTORABLE = (psycopg.DataError, UnicodeError)
+# NUL, and any surrogate code point: in a str parsed from JSON, a valid pair is
+# one character already, so every surrogate left is a lone one.
+UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 
 
 def storable_text(text: str) -> str:
     """PostgreSQL text and jsonb hold neither NUL nor a lone surrogate (which
-    UTF-8 cannot encode): each becomes U+FFFD, the replacement character."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
+    UTF-8 cannot encode): each becomes U+FFFD, the replacement character.
+
+    Character by character, so that the pieces of a streamed reply, each made
+    storable as it is sent, add up to the whole reply made storable: a pair
+    split across two pieces is two lone surrogates in either reading."""
+    return UNSTORABLE_CHARACTER.sub("\ufffd", text)
 
 
 def storable_json(value):

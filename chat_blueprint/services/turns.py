@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 STALE_GRACE_S = 30
 # Answers stored under a key before replies carried the model's report.
 ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
+# The keys of an answer in the order `_store_reply` gives them: a replay reads the answer back from jsonb,
+# which keeps keys in its own order (shortest first), and puts them back in this one.
+ANSWER_KEYS = ("conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
+               "finish_reason", "usage")
 
 REPLY_TO_INDEX = "uq_message_reply_to"
 
@@ -94,7 +98,9 @@ class Replay:
     response: dict
 
     def __post_init__(self):
-        object.__setattr__(self, "response", {**ANSWER_DEFAULTS, **self.response})
+        stored = {**ANSWER_DEFAULTS, **self.response}
+        ordered = {key: stored.pop(key) for key in ANSWER_KEYS if key in stored}
+        object.__setattr__(self, "response", {**ordered, **stored})
 
 
 def _window(rows, max_chars: int) -> list[HistoryMessage]:

@@ -1,37 +1,30 @@
-"""The user's data: a copy of it and its erasure (no Flask here).
+"""The user's data: which tables hold it, what the export leaves out, and its
+erasure (no Flask here; the export itself is services/export.py).
 
-- `Export`: every row of one user as one JSON document (the shape of
-  `schemas.ExportSchema`), read in one snapshot and written out as it is read,
-  a batch at a time, so its size does not bound the server's memory. The
-  generator that writes it runs after the view has returned, so the user is
-  handed to it and bound to its transaction by `tenancy.snapshot`, not taken
-  from the request.
-- `erase_user`: deletes every row of one user in every table that has a
-  `user_id` column, in one transaction, under row-level security. The tables
-  are read from the schema at each call, so a table added later is erased
-  without a change here.
+`erase_user` deletes every row of one user in every table that has a
+`user_id` column, under row-level security, in batches: each batch is a
+short transaction of its own under DATABASE_STATEMENT_TIMEOUT_S, so a user
+with millions of messages is erased as surely as one with ten. The tables are
+read from the schema at each call, so a table added later is erased without a
+change here. A failure part way (a timeout, the database gone) leaves fewer
+rows than before, never an inconsistent user: a repeat goes on from there.
 """
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
-from typing import Iterator
 
-import psycopg
-from psycopg.rows import dict_row
-from sqlalchemy import column, delete, table, text
+from psycopg import sql
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
 from ..db import tenancy
-from ..schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
+from ..errors import ApiError
 
-log = logging.getLogger(__name__)
-
-EXPORT_BATCH_ROWS = 500
-EXPORT_CHUNK_CHARS = 64 * 1024
+ERASE_BATCH_ROWS = 5_000
+# Passes over every table: the last must find nothing left. A second pass finds
+# only rows written while the first ran (a turn in flight); more, a user still writing.
+ERASE_PASSES = 3
 
 EXPORTED_TABLES = ("task", "conversation", "message")
 NOT_EXPORTED = {
@@ -39,6 +32,7 @@ NOT_EXPORTED = {
                        "they expire after IDEMPOTENCY_TTL_S",
     "chat_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
     "write_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
+    "export_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
 }
 """Tables with a `user_id` that the export leaves out, and why. Every such
 table is either exported or named here: `unexported_tables` reports the rest
@@ -56,17 +50,18 @@ ORDER BY c.relname
 """
 
 # The foreign keys between tables of that schema: whether each cascades on
-# delete, whether its columns are all NOT NULL, and whether it carries user_id
-# to the parent's user_id.
+# delete, whether its columns are all NOT NULL, whether it carries user_id
+# to the parent's user_id, and its columns, pair by pair.
 FOREIGN_KEYS = """
 SELECT child.relname, parent.relname, fk.confdeltype = 'c',
        bool_and(child_column.attnotnull),
-       bool_or(child_column.attname = 'user_id' AND parent_column.attname = 'user_id')
+       bool_or(child_column.attname = 'user_id' AND parent_column.attname = 'user_id'),
+       array_agg(child_column.attname::text ORDER BY k.n), array_agg(parent_column.attname::text ORDER BY k.n)
 FROM pg_constraint fk
 JOIN pg_namespace n ON n.oid = fk.connamespace AND n.nspname = current_schema()
 JOIN pg_class child ON child.oid = fk.conrelid
 JOIN pg_class parent ON parent.oid = fk.confrelid
-CROSS JOIN LATERAL unnest(fk.conkey, fk.confkey) AS k(child_attnum, parent_attnum)
+CROSS JOIN LATERAL unnest(fk.conkey, fk.confkey) WITH ORDINALITY AS k(child_attnum, parent_attnum, n)
 JOIN pg_attribute child_column ON child_column.attrelid = fk.conrelid AND child_column.attnum = k.child_attnum
 JOIN pg_attribute parent_column ON parent_column.attrelid = fk.confrelid AND parent_column.attnum = k.parent_attnum
 WHERE fk.contype = 'f'
@@ -88,156 +83,154 @@ def unexported_tables(connection: Connection) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Cascade:
+    """A NOT NULL, ON DELETE CASCADE foreign key that carries `user_id` from
+    `child` to `parent`: the child's rows of one parent row are the rows whose
+    `child_columns` equal the parent's `parent_columns`."""
+
+    child: str
+    parent: str
+    child_columns: tuple[str, ...]
+    parent_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ErasePlan:
     """The order in which to delete a user's rows, read from the schema.
 
     `order` holds every table with a `user_id`, each one before the tables its
     foreign keys point to (so a key without ON DELETE CASCADE never blocks a
-    delete). A table in `cascaded` needs no statement of its own: a NOT NULL
-    foreign key that carries `user_id` to its parent's `user_id` deletes its
-    rows with their parent's, which saves a scan of a table that has no
-    `user_id` index (message: its key is (conversation_id, id)).
+    delete). A table in `cascaded` needs no pass of its own: it is tied to its
+    parent by a Cascade, and its rows are deleted parent by parent, through
+    that key, just before their parents (message: it has no `user_id` index,
+    its key is (conversation_id, id)), so no statement cascades to millions.
     """
 
     order: tuple[str, ...]
-    cascaded: frozenset[str]
+    cascades: tuple[Cascade, ...]
+
+    @property
+    def cascaded(self) -> frozenset[str]:
+        return frozenset(cascade.child for cascade in self.cascades)
 
     @property
     def statements(self) -> tuple[str, ...]:
+        """The tables erased by `user_id`, children first."""
         return tuple(name for name in self.order if name not in self.cascaded)
+
+    def cascades_into(self, parent: str) -> tuple[Cascade, ...]:
+        return tuple(cascade for cascade in self.cascades if cascade.parent == parent)
 
 
 def erase_plan(connection: Connection) -> ErasePlan:
     tables = set(user_tables(connection))
     referenced_by = {name: set() for name in tables}
-    cascaded = set()
-    for child, parent, cascades, not_null, by_user in connection.execute(text(FOREIGN_KEYS)):
+    cascades = []
+    for child, parent, cascading, not_null, by_user, child_columns, parent_columns in connection.execute(
+            text(FOREIGN_KEYS)):
         if child == parent or child not in tables or parent not in tables:
             continue
         referenced_by[parent].add(child)
-        if cascades and not_null and by_user:
-            cascaded.add(child)
+        if cascading and not_null and by_user:
+            cascades.append(Cascade(child, parent, tuple(child_columns), tuple(parent_columns)))
     order = tuple(TopologicalSorter(referenced_by).static_order())
-    return ErasePlan(order, frozenset(cascaded))
+    return ErasePlan(order, tuple(sorted(cascades, key=lambda cascade: (cascade.parent, cascade.child))))
 
 
-def erase_user(session: Session, user_id: str) -> None:
-    """Delete every row of `user_id` in every table with a `user_id`, in one
-    transaction bound to that user (the Session hook binds it), so the
-    policies stand behind every statement. Erasing twice is harmless."""
-    with session.begin():
-        connection = session.connection()
-        for name in erase_plan(connection).statements:
-            rows = table(name, column("user_id"))
-            connection.execute(delete(rows).where(rows.c.user_id == user_id))
-
-
-# Export
-
-TASKS = "SELECT * FROM task WHERE user_id = %(user_id)s ORDER BY created_at DESC, id DESC"
-CONVERSATIONS = "SELECT * FROM conversation WHERE user_id = %(user_id)s ORDER BY updated_at DESC, id DESC"
-# A keyset over the (conversation_id, id) primary key, one batch at a time.
-MESSAGES = """
-SELECT * FROM message
-WHERE conversation_id = %(conversation_id)s AND user_id = %(user_id)s AND id > %(after)s
-ORDER BY id LIMIT %(limit)s
-"""
-# The rows are read with SELECT *: the schemas choose what goes out, so a column
-# that gains a field in MessageSchema (or TaskSchema, ConversationSchema) is exported too.
-
-export_head_schema = ExportSchema(only=("user_id", "exported_at"))
-task_schema = TaskSchema()
-conversation_schema = ConversationSchema()
-messages_schema = MessageSchema(many=True)
-
-
-def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-class _Buffer:
-    """Text waiting to go out, sent in chunks of about EXPORT_CHUNK_CHARS."""
-
+class ErasureIncomplete(ApiError):
     def __init__(self):
-        self.parts: list[str] = []
-        self.size = 0
-
-    def add(self, part: str) -> bool:
-        """Append `part`; True when a chunk is ready to be taken."""
-        self.parts.append(part)
-        self.size += len(part)
-        return self.size >= EXPORT_CHUNK_CHARS
-
-    def take(self) -> bytes:
-        chunk = "".join(self.parts).encode()
-        self.parts, self.size = [], 0
-        return chunk
+        super().__init__(503, "erasure_incomplete", "rows of this user were still being written while they were "
+                         "erased; retry once its requests have ended", headers={"Retry-After": "5"})
 
 
-def _export_chunks(engine: Engine, user_id: str, batch_rows: int) -> Iterator[bytes]:
-    with tenancy.snapshot(engine, user_id) as connection:
-        exported_at = connection.execute("SELECT now()").fetchone()[0]
-        head = _json(export_head_schema.dump({"user_id": user_id, "exported_at": exported_at}))
-        yield (head[:-1] + ',"tasks":[').encode()
-        out = _Buffer()
-        params = {"user_id": user_id}
-        with connection.cursor(name="export_tasks", row_factory=dict_row) as tasks:
-            tasks.itersize = batch_rows
-            tasks.execute(TASKS, params)
-            for n, row in enumerate(tasks):
-                if out.add(("," if n else "") + _json(task_schema.dump(row))):
-                    yield out.take()
-        out.add('],"conversations":[')
-        with connection.cursor(name="export_conversations", row_factory=dict_row) as conversations:
-            conversations.itersize = batch_rows
-            conversations.execute(CONVERSATIONS, params)
-            for n, conversation in enumerate(conversations):
-                head = _json(conversation_schema.dump(conversation))
-                out.add(("," if n else "") + head[:-1] + ',"messages":[')
-                yield from _messages(connection, user_id, conversation["id"], batch_rows, out)
-                out.add("]}")
-        out.add("]}")
-        yield out.take()
+# Up to `limit` of the user's rows of a table, by physical address: any table,
+# whatever its key, through its `user_id` index.
+DELETE_ROWS = """
+DELETE FROM {table} WHERE user_id = %(user_id)s
+AND ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE user_id = %(user_id)s LIMIT %(limit)s))
+"""
+PARENT_ROWS = "SELECT ctid::text FROM {table} WHERE user_id = %(user_id)s LIMIT %(limit)s"
+DELETE_PARENTS = "DELETE FROM {table} WHERE user_id = %(user_id)s AND ctid = ANY(%(parents)s::tid[])"
+# Up to `limit` child rows of the chosen parent rows, through the child's key,
+# parent by parent (a lateral), so a parent with millions of rows and a
+# thousand parents of one row each both take one statement a batch.
+DELETE_CHILDREN = """
+DELETE FROM {child} WHERE user_id = %(user_id)s AND ctid = ANY(ARRAY(
+    SELECT c.ctid FROM {parent} p
+    CROSS JOIN LATERAL (SELECT c.ctid FROM {child} c WHERE {join} LIMIT %(limit)s) c
+    WHERE p.ctid = ANY(%(parents)s::tid[]) AND p.user_id = %(user_id)s
+    LIMIT %(limit)s))
+"""
 
 
-def _messages(connection, user_id: str, conversation_id, batch_rows: int, out: _Buffer) -> Iterator[bytes]:
-    """The conversation's messages in id order, one keyset batch at a time."""
-    params = {"user_id": user_id, "conversation_id": conversation_id, "after": 0, "limit": batch_rows}
-    first = True
-    with connection.cursor(row_factory=dict_row) as cursor:
-        while True:
-            rows = cursor.execute(MESSAGES, params).fetchall()
-            for message in messages_schema.dump(rows):
-                if out.add(("" if first else ",") + _json(message)):
-                    yield out.take()
-                first = False
-            if len(rows) < batch_rows:
-                return
-            params["after"] = rows[-1]["id"]
+def erase_user(engine: Engine, user_id: str, batch_rows: int | None = None) -> None:
+    """Delete every row of `user_id` in every table with a `user_id`, at most
+    `batch_rows` (ERASE_BATCH_ROWS) rows a statement, each statement a
+    transaction of its own bound to that user (the policies stand behind every
+    one). Returns once a whole pass found nothing left; erasing twice is harmless."""
+    batch_rows = batch_rows or ERASE_BATCH_ROWS
+    with engine.connect() as connection:
+        plan = erase_plan(connection)
+    for _ in range(ERASE_PASSES):
+        erased = sum(_erase_table(engine, user_id, plan, name, batch_rows) for name in plan.statements)
+        if erased == 0:
+            return
+    raise ErasureIncomplete()
 
 
-class Export:
-    """The export of one user, as a WSGI response body.
+def _erase_table(engine: Engine, user_id: str, plan: ErasePlan, name: str, batch_rows: int) -> int:
+    """Every row of the user in table `name`, and before each batch of them
+    their rows in its cascaded children; how many rows in all."""
+    table = sql.Identifier(name)
+    params = {"user_id": user_id, "limit": batch_rows}
+    cascades = plan.cascades_into(name)
+    if not cascades:
+        return _in_batches(engine, user_id, sql.SQL(DELETE_ROWS).format(table=table), params)
+    erased = 0
+    while True:
+        parents = {**params, "parents": [row[0] for row in _run(engine, user_id, sql.SQL(PARENT_ROWS).format(
+            table=table), params).rows]}
+        erased += sum(_in_batches(engine, user_id, _delete_children(cascade), parents) for cascade in cascades)
+        erased += _run(engine, user_id, sql.SQL(DELETE_PARENTS).format(table=table), parents).rowcount
+        if len(parents["parents"]) < batch_rows:
+            return erased
 
-    Creating it opens the transaction and binds the user, so a database that
-    is down or a pool that is exhausted fails here, while the view can still
-    answer 503; after the first byte the status line is gone. Iterating it
-    writes the document; `close()` (called by the server when the response
-    ends or the client goes away) ends the transaction and frees the
-    connection.
-    """
 
-    def __init__(self, engine: Engine, user_id: str, batch_rows: int = EXPORT_BATCH_ROWS):
-        self._chunks = _export_chunks(engine, user_id, batch_rows)
-        self._head = next(self._chunks)
+def _delete_children(cascade: Cascade) -> sql.Composed:
+    join = sql.SQL(" AND ").join(
+        sql.SQL("c.{} = p.{}").format(sql.Identifier(child_column), sql.Identifier(parent_column))
+        for child_column, parent_column in zip(cascade.child_columns, cascade.parent_columns))
+    return sql.SQL(DELETE_CHILDREN).format(child=sql.Identifier(cascade.child),
+                                           parent=sql.Identifier(cascade.parent), join=join)
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield self._head
-        try:
-            yield from self._chunks
-        except psycopg.Error as exc:
-            log.warning("export interrupted by a database error: %s", type(exc).__name__)
-            raise
 
-    def close(self) -> None:
-        self._chunks.close()
+def _in_batches(engine: Engine, user_id: str, statement: sql.Composed, params: dict) -> int:
+    """Run `statement`, which deletes up to `params["limit"]` rows, until it
+    deletes fewer (none of its rows are left then); how many in all."""
+    erased = 0
+    while True:
+        deleted = _run(engine, user_id, statement, params).rowcount
+        erased += deleted
+        if deleted < params["limit"]:
+            return erased
+
+
+@dataclass(frozen=True)
+class _Done:
+    rowcount: int
+    rows: list
+
+
+# A bitmap scan cannot stop at a LIMIT: each batch of a conversation's messages
+# would read the whole conversation's index. An index scan stops at the batch.
+NO_BITMAP_SCANS = "SELECT set_config('enable_bitmapscan', 'off', true)"
+
+
+def _run(engine: Engine, user_id: str, statement: sql.Composed, params: dict) -> _Done:
+    """One statement in a transaction of its own as `user_id` (one round trip)."""
+    with tenancy.transaction(engine, user_id) as connection:
+        connection.cursor().execute(NO_BITMAP_SCANS)
+        cursor = connection.cursor()
+        cursor.execute(statement, params)
+        connection.commit()
+        return _Done(cursor.rowcount, cursor.fetchall() if cursor.description else [])

@@ -22,8 +22,8 @@
   A downgrade leaves btree_gin installed: it may have been there before, for
   other indexes.
 
-Revision ID: 0007_search_and_feedback
-Revises: 0006_write_rate_limit
+Revision ID: 0008_search_and_feedback
+Revises: 0007_export_rate_limit
 Create Date: 2026-12-09
 """
 from pathlib import Path
@@ -32,8 +32,8 @@ from alembic import op
 from flask import current_app
 from psycopg import sql
 
-revision = "0007_search_and_feedback"
-down_revision = "0006_write_rate_limit"
+revision = "0008_search_and_feedback"
+down_revision = "0007_export_rate_limit"
 branch_labels = None
 depends_on = None
 

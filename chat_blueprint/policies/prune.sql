@@ -28,6 +28,11 @@ CREATE POLICY chat_rate_limit_prune ON chat_rate_limit FOR DELETE TO CURRENT_USE
 -- Keys created more than ttl_s seconds ago: the app treats them as unknown
 -- already (a reuse renews the row), so deleting them changes no answer. The
 -- age is checked again on the row being deleted, so a key renewed meanwhile stays.
+-- A key still 'running' (its first request, or a retry that took it over, is
+-- answering now) goes only once it too has not moved for ttl_s seconds: deleting
+-- it would let a repeat run the turn a second time. `prune` refuses a ttl_s
+-- shorter than the app's stale bound (ASSISTANT_TIMEOUT_S + 30 s), so such a
+-- key's request is dead by then.
 CREATE OR REPLACE FUNCTION prune_idempotency_keys(ttl_s double precision, batch_size integer)
 RETURNS integer
 LANGUAGE plpgsql
@@ -40,11 +45,13 @@ BEGIN
     WITH batch AS (
         SELECT user_id, key FROM idempotency_key
         WHERE created_at < now() - make_interval(secs => ttl_s)
+          AND (status <> 'running' OR updated_at < now() - make_interval(secs => ttl_s))
         LIMIT batch_size
     )
     DELETE FROM idempotency_key AS expired USING batch
     WHERE expired.user_id = batch.user_id AND expired.key = batch.key
-      AND expired.created_at < now() - make_interval(secs => ttl_s);
+      AND expired.created_at < now() - make_interval(secs => ttl_s)
+      AND (expired.status <> 'running' OR expired.updated_at < now() - make_interval(secs => ttl_s));
     GET DIAGNOSTICS deleted = ROW_COUNT;
     PERFORM set_config('chat.pruning', 'off', true);
     RETURN deleted;
