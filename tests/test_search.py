@@ -287,3 +287,16 @@ def test_search_hits_refuses_to_run_unbound_by_rls(superuser_url, alice):
         with pytest.raises(psycopg.errors.RaiseException, match="bound by row-level security"):
             conn.execute("SELECT * FROM search_hits(plainto_tsquery('simple', 'x'))")
         conn.rollback()
+
+
+def test_a_message_too_long_for_one_tsvector_is_stored_and_found_by_its_start(app_url, client, alice):
+    """A tsvector holds at most 1 MB, and an assistant's answer may be 8 MiB:
+    indexing all of it would refuse to store such a reply. The first 50,000
+    characters are indexed."""
+    conversation_id = chat(client, alice, "a long answer follows")
+    with connect(app_url, alice.id) as conn:
+        conn.execute("INSERT INTO message (conversation_id, user_id, role, content, turn)"
+                     " SELECT %s, %s, 'user', 'lighthouse ' || string_agg(md5(n::text), ' ') || ' endmark', 2"
+                     " FROM generate_series(1, 40000) AS n", (conversation_id, alice.id))
+    assert found(client, alice, "lighthouse") == [conversation_id]
+    assert found(client, alice, "endmark") == []  # past the first 50,000 characters
