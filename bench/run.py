@@ -19,6 +19,9 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   inflight *   1,000 blocking turns in flight against a server answering after 5 s
   stream *     1,000 streaming turns in flight against a server streaming 20 chunks 0.25 s apart
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
+  search       in a database of its own (200 users x 2,000 conversations x 20 messages; smaller with
+               BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plan,
+               and a chat turn's cost with and without the text-search indexes (pgbench, then the app)
 
 The phases marked * depend on the runtime: they run once per runtime of
 BENCH_RUNTIMES (default gevent,gthread; see RUNTIMES), one after another, so
@@ -142,6 +145,26 @@ def summarize(results: dict) -> dict:
                 summary[f"{prefix}{name}_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
         if (found := results.get(key("slowclients", runtime))) is not None:
             summary[prefix + "slowclients_healthz_ms"] = found["healthz_max_ms"]
+    if "search" in results:
+        summary.update(search_summary(results["search"]))
+    return summary
+
+
+def search_summary(found: dict) -> dict:
+    """Search latency by kind, and the text-search indexes' cost on a turn
+    (ratios of turns/s with them to without; CPU milliseconds per turn)."""
+    summary = {}
+    for kind, run in found["latency"].items():
+        summary[f"search_{kind.replace(' ', '_')}_p50_ms"] = round(run["p50_ms"], 1)
+        summary[f"search_{kind.replace(' ', '_')}_p99_ms"] = round(run["p99_ms"], 1)
+    summary["search_loaded_per_s"] = round(found["loaded"]["per_s"], 1)
+    summary["search_loaded_p99_ms"] = round(found["loaded"]["p99_ms"], 1)
+    turn = found["turn"]
+    summary["search_index_database_ratio"] = ratio(turn["database"]["with"]["tps"], turn["database"]["without"]["tps"])
+    summary["search_index_app_ratio"] = ratio(turn["app"]["with"]["per_s"], turn["app"]["without"]["per_s"])
+    for side in ("with", "without"):
+        summary[f"search_turn_postgres_cpu_ms_{side}_index"] = turn["app"][side]["postgres_cpu_ms_per_turn"]
+        summary[f"search_turn_server_cpu_ms_{side}_index"] = turn["app"][side]["server_cpu_ms_per_turn"]
     return summary
 
 
@@ -216,7 +239,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(RUNTIMES)})")
-    if {"app", "history", "rls", "baseline", "slow"} & set(phases) and not shutil.which("wrk"):
+    if {"app", "history", "rls", "baseline", "slow", "search"} & set(phases) and not shutil.which("wrk"):
         raise SystemExit("wrk not found: install the distribution's wrk package (make bench does)")
     raise_open_files_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)

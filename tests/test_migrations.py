@@ -30,10 +30,17 @@ def isolation_state(cluster) -> list:
             "select table_name, string_agg(privilege_type, ',' order by privilege_type)"
             " from information_schema.role_table_grants where grantee = %s group by table_name order by table_name",
             (APP_ROLE,)).fetchall()
+        column_grants = conn.execute(
+            "select table_name, column_name, privilege_type from information_schema.role_column_grants"
+            " where grantee = %s and privilege_type <> 'SELECT' and privilege_type <> 'INSERT'"
+            " and privilege_type <> 'REFERENCES' order by 1, 2, 3", (APP_ROLE,)).fetchall()
+        # Our functions, not those of extensions (btree_gin's stay after a downgrade).
         functions = conn.execute(
             "select proname, prosecdef, proacl::text from pg_proc"
-            " where pronamespace = 'public'::regnamespace order by proname").fetchall()
-    return [tables, policies, grants, functions]
+            " where pronamespace = 'public'::regnamespace and not exists (select from pg_depend"
+            " where objid = pg_proc.oid and classid = 'pg_proc'::regclass and deptype = 'e') order by proname"
+        ).fetchall()
+    return [tables, policies, grants, functions, column_grants]
 
 
 def test_upgrade_downgrade_upgrade_round_trip():
@@ -46,12 +53,18 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert dict(upgraded[2])["write_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         assert dict(upgraded[2])["export_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
+        owner_and_app = f"{{{OWNER_ROLE}=X/{OWNER_ROLE},{APP_ROLE}=X/{OWNER_ROLE}}}"
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
                                ("prune_export_rate_limits", True, owner_only),
                                ("prune_idempotency_keys", True, owner_only),
-                               ("prune_write_rate_limits", True, owner_only)]
+                               ("prune_write_rate_limits", True, owner_only),
+                               ("search_hits", True, owner_and_app),
+                               ("search_text", False, None)]
+        # Table-wide UPDATE on message is never granted: only the feedback columns.
+        assert [row for row in upgraded[4] if row[0] == "message"] == [
+            ("message", column, "UPDATE") for column in ("feedback_comment", "feedback_rating", "feedback_updated_at")]
         flask_db(cluster, "downgrade", "base")
-        assert isolation_state(cluster) == [[], [], [], []]
+        assert isolation_state(cluster) == [[], [], [], [], []]
         flask_db(cluster, "upgrade")
         assert isolation_state(cluster) == upgraded
         flask_db(cluster, "upgrade")  # nothing left to do: a second run changes nothing
