@@ -3,12 +3,14 @@ with the CPU of each process group under "cpu"; PHASES lists them in the
 order they run."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench import search as search_data
 from bench.lifecycle import LIFECYCLE_CHUNKS, LIFECYCLE_INTERVAL_S, lifecycle
 from bench.measure import ConnectionWatcher, Cpu, Peak, message_writes, rss_mb
 from bench.settings import (
@@ -26,6 +28,10 @@ from bench.settings import (
     ROOT,
     RUNTIMES,
     SAME_RUNTIME,
+    SEARCH_CLIENTS,
+    SEARCH_DATABASE,
+    SEARCH_NOINDEX_DATABASE,
+    SEARCH_USERS,
     SECONDS,
     SLOW_ASSISTANT_S,
     SLOW_CLIENTS,
@@ -35,7 +41,17 @@ from bench.settings import (
     log,
     runtime_of,
 )
-from bench.tools import gunicorn, load, openai_env, pgbench, slow_upstream, turns_spec, wrk
+from bench.tools import (
+    CHAT_REQUEST,
+    gunicorn,
+    load,
+    openai_env,
+    pgbench,
+    pgbench_script,
+    slow_upstream,
+    turns_spec,
+    wrk,
+)
 from devtools.cluster import APP_ROLE, DATABASE, SUPERUSER, Cluster
 from devtools.server import Server
 
@@ -80,24 +96,25 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda run: run["per_s"])[len(runs) // 2]
 
 
-def warmup(bench: Bench, server: Server, name: str) -> None:
+def warmup(bench: Bench, server: Server, name: str, request: str | None = None) -> None:
     """A few seconds of wrk at 16 clients before anything is measured."""
-    wrk(server.url, bench.work, name, bench.targets, 16, seconds=min(SECONDS, 5))
+    wrk(server.url, bench.work, name, bench.targets, 16, seconds=min(SECONDS, 5), request=request)
 
 
 def alternate(bench: Bench, servers: dict[str, Server], cpus: dict[str, Cpu], connections: int,
-              suffix: str = "") -> dict[str, list[dict]]:
+              suffix: str = "", request: str | None = None) -> dict[str, list[dict]]:
     """Each server warmed up, then wrk at `connections` clients in RLS_ROUNDS
     rounds of one run of each (A B A B A B), so that the machine's drift hits
-    all alike; each run measured with its server's Cpu."""
+    all alike; each run measured with its server's Cpu. `request` is wrk's
+    (a chat turn by default)."""
     for name, server in servers.items():
-        warmup(bench, server, f"warmup-{name}{suffix}")
+        warmup(bench, server, f"warmup-{name}{suffix}", request)
     runs = {name: [] for name in servers}
     for round_ in range(RLS_ROUNDS):
         for name, server in servers.items():
             with cpus[name].measure(servers=[server]):
                 runs[name].append(wrk(server.url, bench.work, f"{name}{suffix}-{round_}", bench.targets,
-                                      connections, seconds=SECONDS / 2))
+                                      connections, seconds=SECONDS / 2, request=request))
     return runs
 
 
@@ -293,6 +310,66 @@ def slowclients(bench: Bench, runtime: str) -> dict:
     return {**run, "cpu": cpu.report()}
 
 
+def search(bench: Bench) -> dict:
+    """In a database of its own (bench/search.py): search latency, p50 and p99
+    by kind of search at one client, then every kind at SEARCH_CLIENTS
+    clients; the plan of the dearest search (the commonest word); and what
+    the text-search indexes cost a chat turn of about 600 characters each
+    way: its SQL alone (pgbench) and the app, against a copy without them,
+    A B A B, with turns/s and CPU per turn of each."""
+    search_data.seed(bench.cluster)
+    result = {"sizes_mb": search_data.sizes(bench.cluster), "latency": {}}
+    result["plan"] = search_data.plan(bench.cluster, "bench-7", "w1")
+    log("search: plan of the commonest word\n" + result["plan"])
+    cpu = Cpu(bench.cluster)
+    everything = [target for kind in search_data.QUERY_KINDS for target in search_data.search_targets(kind)]
+    with gunicorn(bench.cluster.url(APP_ROLE, SEARCH_DATABASE), bench.work, "search") as server:
+        wrk(server.url, bench.work, "warmup-search", everything, 4, min(SECONDS, 5), search_data.SEARCH_REQUEST)
+        for kind in search_data.QUERY_KINDS:
+            result["latency"][kind] = wrk(server.url, bench.work, f"search-{kind}", search_data.search_targets(kind),
+                                          1, SECONDS / 2, search_data.SEARCH_REQUEST)
+        with cpu.measure(servers=[server]):
+            result["loaded"] = wrk(server.url, bench.work, "search-loaded", everything, SEARCH_CLIENTS, SECONDS,
+                                   search_data.SEARCH_REQUEST)
+    return {**result, "turn": search_turn_cost(bench), "cpu": cpu.report()}
+
+
+def search_turn_cost(bench: Bench) -> dict:
+    """Chat turns with and without the text-search indexes, A B A B: pgbench
+    at 16 clients, then the app at 16 clients; CPU per turn of each side."""
+    message = search_data.turn_message()
+    script = pgbench_script(search_data.TOTAL_CONVERSATIONS, SEARCH_USERS, message)
+    databases = {"with": SEARCH_DATABASE, "without": SEARCH_NOINDEX_DATABASE}
+    cpu = {name: Cpu(bench.cluster) for name in databases}
+    tps = {name: [] for name in databases}
+    for _ in range(RLS_ROUNDS):
+        for name, database in databases.items():
+            with cpu[name].measure():
+                tps[name].append(pgbench(bench.cluster, bench.work, 16, database, SECONDS / 2, script))
+    found = {"database": {}, "app": {}}
+    for name in databases:
+        turns = sum(tps[name]) * max(1, round(SECONDS / 2))
+        found["database"][name] = {"tps": sorted(tps[name])[len(tps[name]) // 2],
+                                   "postgres_cpu_ms_per_turn": round(1000 * cpu[name].report()["postgres"] / turns, 3)}
+    cpu = {name: Cpu(bench.cluster) for name in databases}
+    request = CHAT_REQUEST.format(message=json.dumps(message))
+    with gunicorn(bench.cluster.url(APP_ROLE, SEARCH_DATABASE), bench.work, "search-with") as with_index, \
+            gunicorn(bench.cluster.url(APP_ROLE, SEARCH_NOINDEX_DATABASE), bench.work, "search-without") as without:
+        runs = alternate(replace(bench, targets=search_data.turn_targets()), {"with": with_index, "without": without},
+                         cpu, 16, suffix="-search", request=request)
+    for name in databases:
+        turns = sum(run["requests"] for run in runs[name])
+        report = cpu[name].report()
+        found["app"][name] = {**median_run(runs[name]), **{
+            f"{group}_cpu_ms_per_turn": round(1000 * report[group] / turns, 3) for group in ("server", "postgres")}}
+    log("search: a turn with the indexes / without: database {:.0f} / {:.0f} turns/s, app {:.0f} / {:.0f} turns/s, "
+        "postgres CPU {} / {} ms a turn".format(
+            found["database"]["with"]["tps"], found["database"]["without"]["tps"], found["app"]["with"]["per_s"],
+            found["app"]["without"]["per_s"], found["app"]["with"]["postgres_cpu_ms_per_turn"],
+            found["app"]["without"]["postgres_cpu_ms_per_turn"]))
+    return found
+
+
 def best_concurrency(app_result: dict | None) -> int:
     if not app_result:
         return RLS_CONCURRENCY
@@ -313,4 +390,5 @@ PHASES = {
     "overload": lambda bench, done, runtime: overload(bench, runtime),
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
     "lifecycle": lambda bench, done, runtime: lifecycle_phase(bench),
+    "search": lambda bench, done, runtime: search(bench),
 }

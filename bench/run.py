@@ -22,6 +22,9 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   overload *   3,000 blocking turns against one instance (3x what it holds); refused ones retry after Retry-After
   lifecycle    100 streamed replies stopped from the API: stop latency, and how far the stored text lags
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
+  search       in a database of its own (200 users x 2,000 conversations x 20 messages; smaller with
+               BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plan,
+               and a chat turn's cost with and without the text-search indexes (pgbench, then the app)
 
 The phases marked * depend on the runtime: they run once per runtime of
 BENCH_RUNTIMES (default gevent,gthread; see RUNTIMES), one after another, so
@@ -159,6 +162,26 @@ def summarize(results: dict) -> dict:
     if (found := results.get("lifecycle")) is not None:
         for figure in ("stops", "not_aborted", "stop_p50_ms", "stop_p99_ms", "lag_p50_ms", "lag_p99_ms", "lag_max_ms"):
             summary[f"lifecycle_{figure}"] = found[figure]
+    if "search" in results:
+        summary.update(search_summary(results["search"]))
+    return summary
+
+
+def search_summary(found: dict) -> dict:
+    """Search latency by kind, and the text-search indexes' cost on a turn
+    (ratios of turns/s with them to without; CPU milliseconds per turn)."""
+    summary = {}
+    for kind, run in found["latency"].items():
+        summary[f"search_{kind.replace(' ', '_')}_p50_ms"] = round(run["p50_ms"], 1)
+        summary[f"search_{kind.replace(' ', '_')}_p99_ms"] = round(run["p99_ms"], 1)
+    summary["search_loaded_per_s"] = round(found["loaded"]["per_s"], 1)
+    summary["search_loaded_p99_ms"] = round(found["loaded"]["p99_ms"], 1)
+    turn = found["turn"]
+    summary["search_index_database_ratio"] = ratio(turn["database"]["with"]["tps"], turn["database"]["without"]["tps"])
+    summary["search_index_app_ratio"] = ratio(turn["app"]["with"]["per_s"], turn["app"]["without"]["per_s"])
+    for side in ("with", "without"):
+        summary[f"search_turn_postgres_cpu_ms_{side}_index"] = turn["app"][side]["postgres_cpu_ms_per_turn"]
+        summary[f"search_turn_server_cpu_ms_{side}_index"] = turn["app"][side]["server_cpu_ms_per_turn"]
     return summary
 
 
@@ -233,7 +256,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(RUNTIMES)})")
-    if {"app", "history", "rls", "baseline", "slow"} & set(phases) and not shutil.which("wrk"):
+    if {"app", "history", "rls", "baseline", "slow", "search"} & set(phases) and not shutil.which("wrk"):
         raise SystemExit("wrk not found: install the distribution's wrk package (make bench does)")
     raise_open_files_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,18 @@ SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "DATABASE_POOL_SIZE": "2",
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
 RESULTS = ROOT / "bench" / "results"
 NORLS_DATABASE = "chat_norls"
+# The search phase's own database: SEARCH_USERS users with SEARCH_CONVERSATIONS
+# conversations of SEARCH_MESSAGES messages each (BENCH_SEARCH_USERS and
+# BENCH_SEARCH_CONVERSATIONS make a quick run smaller), of 20 words drawn from
+# SEARCH_VOCABULARY words with a Zipf-like frequency (word wN about 1/N as
+# often as w1), and its copy without the text-search indexes.
+SEARCH_USERS = int(os.environ.get("BENCH_SEARCH_USERS", "200"))
+SEARCH_CONVERSATIONS = int(os.environ.get("BENCH_SEARCH_CONVERSATIONS", "2000"))
+SEARCH_MESSAGES = 20
+SEARCH_VOCABULARY = 20_000
+SEARCH_DATABASE = "chat_search"
+SEARCH_NOINDEX_DATABASE = "chat_search_noindex"
+SEARCH_CLIENTS = 16
 
 
 def log(message: str) -> None:

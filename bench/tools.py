@@ -128,16 +128,17 @@ def prepare(cluster: Cluster, norls: bool) -> dict:
     return histories
 
 
-def pgbench_script() -> str:
+def pgbench_script(conversations: int = CONVERSATIONS, users: int = USERS, content: str = "bench turn") -> str:
     """The SQL of one chat turn, taken from chat_blueprint/services/turn_sql.py,
     with each bind parameter replaced by an expression over pgbench's random
-    conversation number: two pipelined transactions, as the app sends them.
+    conversation number (conversation n is md5('conv-' || n), of user
+    'bench-' || n % users): two pipelined transactions, as the app sends them.
     pgbench cannot carry a result into a pipeline, so the reply names its user
     message with currval() of the message id sequence (this connection's last insert)."""
     values = {
         "conversation_id": "md5('conv-' || :n)::uuid",
         "user_id": "('bench-' || :u)",
-        "content": "'bench turn'",
+        "content": "'" + content.replace("'", "''") + "'",
         "title": "'bench'",
         "key": "NULL::text",
         "limit": "50",
@@ -163,8 +164,8 @@ def pgbench_script() -> str:
     bind = "SELECT set_config('app.user_id', 'bench-' || :u, true);"
     store = statement(turn_sql.STORE_IN_CONVERSATION)
     return "\n".join([
-        f"\\set n random(1, {CONVERSATIONS})",
-        f"\\set u :n % {USERS}",
+        f"\\set n random(1, {conversations})",
+        f"\\set u :n % {users}",
         "\\startpipeline",
         "BEGIN;", bind, store + ";", statement(turn_sql.LATEST_WINDOW) + ";", "COMMIT;",
         "\\endpipeline",
@@ -174,9 +175,12 @@ def pgbench_script() -> str:
     ]) + "\n"
 
 
-def pgbench(cluster: Cluster, work: Path, clients: int, database: str = DATABASE, seconds: float = SECONDS) -> float:
-    script = work / "chat_turn.sql"
-    script.write_text(pgbench_script())
+def pgbench(cluster: Cluster, work: Path, clients: int, database: str = DATABASE, seconds: float = SECONDS,
+            script_text: str | None = None) -> float:
+    """Turns per second of `clients` pgbench clients running pgbench_script()
+    (or `script_text`) as the app role."""
+    script = work / f"chat_turn_{database}.sql"
+    script.write_text(script_text or pgbench_script())
     command = [str(cluster.bindir / "pgbench"), "-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
                "-j", str(min(clients, 2)), "-T", str(max(1, round(seconds))), cluster.url(APP_ROLE, database)]
     finished = subprocess.run(command, capture_output=True, text=True)
@@ -195,6 +199,16 @@ def token_rows(targets: list[tuple[str, str]]) -> list[list[str]]:
     return [[user, tokens[user], conversation_id] for user, conversation_id in targets]
 
 
+# A chat turn on a random target (user, token, conversation id).
+CHAT_REQUEST = """
+request = function()
+  local t = targets[math.random(1, #targets)]
+  return wrk.format("POST", "/api/" .. t[1] .. "/chat",
+    {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. t[2]}},
+    '{{"message": {message}, "conversation_id": "' .. t[3] .. '"}}')
+end
+"""
+
 WRK_SCRIPT = """
 local targets = {targets}
 local counter = 0
@@ -205,12 +219,7 @@ end
 function init(args)
   math.randomseed(os.time() * 1000 + tid)
 end
-request = function()
-  local t = targets[math.random(1, #targets)]
-  return wrk.format("POST", "/api/" .. t[1] .. "/chat",
-    {{["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. t[2]}},
-    '{{"message": "bench turn", "conversation_id": "' .. t[3] .. '"}}')
-end
+{request}
 function done(summary, latency, requests)
   local errors = summary.errors
   io.write(string.format('WRK_JSON {{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, '
@@ -226,9 +235,13 @@ def lua_targets(targets: list[tuple[str, str]]) -> str:
     return "{" + ",\n".join(rows) + "}"
 
 
-def wrk(url: str, work: Path, name: str, targets, connections: int, seconds: float = SECONDS) -> dict:
+def wrk(url: str, work: Path, name: str, targets, connections: int, seconds: float = SECONDS,
+        request: str | None = None) -> dict:
+    """wrk at `connections` clients sending `request` (a Lua function over
+    `targets`; by default a chat turn of "bench turn")."""
     script = work / f"{name}.lua"
-    script.write_text(WRK_SCRIPT.format(targets=lua_targets(targets)))
+    request = request or CHAT_REQUEST.format(message=json.dumps("bench turn"))
+    script.write_text(WRK_SCRIPT.format(targets=lua_targets(targets), request=request))
     threads = max(1, min(connections, 2))
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
                "--timeout", "30s", "-s", str(script), url]

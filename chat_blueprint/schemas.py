@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from datetime import timezone
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
+from marshmallow.utils import get_value
 
 from .config import DEFAULT_MESSAGE_MAX_CHARS
+from .db.models import FEEDBACK_COMMENT_MAX_CHARS, RATINGS
 
 REPLY_STATUSES = ("streaming", "complete", "stopped", "interrupted")
 
@@ -16,6 +18,7 @@ TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
 TITLE_PREVIEW_CHARS = 80
 TASK_PAGE_MAX = 1000
+SEARCH_MAX_CHARS = 200
 
 # What `str.strip()` removes (every such character is below U+3001), and the
 # JSON Schema patterns that say in the OpenAPI document what `Text` accepts.
@@ -219,15 +222,53 @@ class ConversationSchema(Schema):
     created_at = UtcDateTime(required=True)
     updated_at = UtcDateTime(required=True)
     message_count = fields.Integer(required=True)
+    archived = fields.Boolean(required=True, metadata={"description": "left out of the list unless archived=true"})
+    pinned = fields.Boolean(required=True, metadata={"description": "listed before the others"})
+    snippet = fields.String(metadata={
+        "description": "in search results only: up to 200 characters of a matching message, or the title"})
 
 
 class ConversationPatchSchema(StrictSchema):
-    title = Text(required=True, allow_blank=False, validate=validate.Length(min=1, max=200))
+    openapi_extra = {"minProperties": 1}  # `at_least_one`, as the OpenAPI document states it
+
+    title = Text(allow_blank=False, validate=validate.Length(min=1, max=200))
+    archived = StrictBoolean()
+    pinned = StrictBoolean()
+
+    @validates_schema
+    def at_least_one(self, data, **kwargs):
+        if not data:
+            raise ValidationError("Give title, archived or pinned (any of them).", "_schema")
 
 
 class ConversationPageSchema(Schema):
     data = fields.List(fields.Nested(ConversationSchema), required=True)
     next_cursor = fields.String(required=True, allow_none=True)
+
+
+class FeedbackSchema(Schema):
+    rating = fields.String(required=True, allow_none=True, validate=validate.OneOf(RATINGS))
+    comment = fields.String(required=True, allow_none=True)
+    updated_at = UtcDateTime(required=True)
+
+
+class Feedback(fields.Nested):
+    """A message's feedback columns as one object, or null when it has none,
+    read alike from an ORM row and from a raw SQL row (the export's)."""
+
+    def get_value(self, obj, attr, accessor=None, default=missing):
+        updated_at = get_value(obj, "feedback_updated_at")
+        if updated_at is None or updated_at is missing:
+            return None
+        return {"rating": get_value(obj, "feedback_rating"), "comment": get_value(obj, "feedback_comment"),
+                "updated_at": updated_at}
+
+
+class FeedbackRequestSchema(StrictSchema):
+    rating = fields.String(required=True, allow_none=True, validate=validate.OneOf(RATINGS),
+                           metadata={"description": "null clears the rating (and, without a comment, the feedback)"})
+    comment = Text(load_default=None, allow_none=True, validate=validate.Length(max=FEEDBACK_COMMENT_MAX_CHARS),
+                   metadata={"description": "replaces the previous comment; absent, null or empty: none"})
 
 
 class MessageSchema(ModelReportSchema):
@@ -242,6 +283,8 @@ class MessageSchema(ModelReportSchema):
     reply_to = fields.Integer(required=True, allow_none=True)
     created_at = UtcDateTime(required=True)
     superseded_at = UtcDateTime(required=True, allow_none=True)
+    feedback = Feedback(FeedbackSchema, required=True, allow_none=True,
+                        metadata={"description": "the user's rating of an assistant message; null when none"})
 
 
 class MessagePageSchema(Schema):
@@ -296,9 +339,21 @@ class TaskListQuerySchema(QuerySchema):
     cursor = _cursor(description="the cursor of the previous page's `Link: <...>; rel=\"next\"` URL")
 
 
-class PageQuerySchema(QuerySchema):
+class QueryBoolean(fields.Boolean):
+    """`true` or `false` in a query string, nothing else."""
+
+    def __init__(self, **kwargs):
+        super().__init__(truthy={"true"}, falsy={"false"}, **kwargs)
+
+
+class ConversationListQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = _cursor()
+    archived = QueryBoolean(load_default=False, metadata={
+        "description": "true: only archived conversations; false (default): only the others"})
+    q = Text(load_default=lambda: None, allow_none=False, validate=validate.Length(min=1, max=SEARCH_MAX_CHARS),
+             metadata={"description": "only conversations whose title or messages hold every word (whole words, "
+                                      "any case; punctuation and operators are not syntax), each with a snippet"})
 
 
 class MessagePageQuerySchema(QuerySchema):

@@ -455,7 +455,8 @@ def test_rename_keeps_the_order(client, alice):
 
 
 @pytest.mark.parametrize("body", [{}, {"title": ""}, {"title": "  "}, {"title": "t" * 201}, {"title": 3},
-                                  {"title": "ok", "pinned": True}])
+                                  {"title": "ok", "colour": "red"}, {"title": "ok", "pinned": "yes"},
+                                  {"title": "ok", "archived": 1}, {"title": "ok", "pinned": None}])
 def test_rename_validation(client, alice, body):
     conversation_id = chat(client, alice, "keep my title").get_json()["conversation_id"]
     response = client.patch(f"/api/{alice.id}/conversations/{conversation_id}", json=body, headers=alice.headers)

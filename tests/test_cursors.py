@@ -37,6 +37,7 @@ ids = st.integers(min_value=-1, max_value=BIGINT_MAX + 1)
 # Near misses of the real shapes reach past the first checks of each decoder.
 near_misses = st.one_of(
     st.tuples(times | json_values, st.uuids().map(str) | ids | json_values).map(list),
+    st.tuples(st.booleans() | json_values, times | json_values, st.uuids().map(str) | json_values).map(list),
     st.tuples(ids | json_values).map(list),
     st.lists(times | ids | st.uuids().map(str), max_size=4),
 )
@@ -58,6 +59,9 @@ def test_a_decoder_returns_typed_values_or_refuses(decode, cursor):
     except cursors.InvalidCursor:
         return
     values = decoded if isinstance(decoded, tuple) else (decoded,)
+    if decode is cursors.decode_conversation:
+        assert isinstance(values[0], bool)  # pinned, the only flag a cursor holds
+        values = values[1:]
     for value in values:
         if isinstance(value, datetime):
             assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
@@ -69,14 +73,14 @@ def test_a_decoder_returns_typed_values_or_refuses(decode, cursor):
 
 @settings(max_examples=200, deadline=None)
 @given(moment=st.datetimes(timezones=st.just(timezone.utc) | offsets), row_id=st.integers(0, BIGINT_MAX),
-       conversation_id=st.uuids())
-def test_every_cursor_an_encoder_writes_decodes_to_its_values(moment, row_id, conversation_id):
+       conversation_id=st.uuids(), pinned=st.booleans())
+def test_every_cursor_an_encoder_writes_decodes_to_its_values(moment, row_id, conversation_id, pinned):
     try:
         moment.astimezone(timezone.utc)
     except OverflowError:
         return  # a time that has no UTC representation is never a row's
-    assert cursors.decode_conversation(cursors.encode_conversation(moment, conversation_id)) == (moment,
-                                                                                                 conversation_id)
+    assert cursors.decode_conversation(cursors.encode_conversation(pinned, moment, conversation_id)) == (
+        pinned, moment, conversation_id)
     assert cursors.decode_message(cursors.encode_message(row_id)) == row_id
     assert cursors.decode_task(cursors.encode_task(moment, row_id)) == (moment, row_id)
 

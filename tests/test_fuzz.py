@@ -39,7 +39,7 @@ FUZZ_USER = make_user("fuzz")
 # Any 4xx the document lists is a rejection, 413 and 414 (input too large) included.
 REJECTIONS = ["400", "401", "403", "404", "405", "409", "413", "414", "415", "422"]
 NOT_OUR_CURSOR = {"cursor": ["Not a cursor returned by this API."]}
-OWNED = {"task_id": [], "conversation_id": []}
+OWNED = {"task_id": [], "conversation_id": [], "message_id": []}
 
 
 class Tally:
@@ -86,8 +86,8 @@ schema = schemathesis.openapi.from_dict(document(), config=fuzz_config(parameter
 
 @schema.hook
 def flatmap_path_parameters(context, path_parameters):
-    """Half the time, aim at a task or conversation the user owns, so the
-    answers with a body (200) are checked as well as the 404s."""
+    """Half the time, aim at a task, conversation or message the user owns, so
+    the answers with a body (200) are checked as well as the 404s."""
     owned = [name for name in OWNED if name in (path_parameters or {}) and OWNED[name]]
     if not owned:
         return st.just(path_parameters)
@@ -100,13 +100,15 @@ def flatmap_path_parameters(context, path_parameters):
 
 @schema.hook
 def filter_failure(context, failure, case, response):
-    """Drop the two rejections of schema-valid input that the contract makes
-    and a schema cannot express, both 422: a cursor this API did not issue,
-    and an Idempotency-Key already used with another body."""
+    """Drop the three rejections of schema-valid input that the contract makes
+    and a schema cannot express, all 422: a cursor this API did not issue,
+    an Idempotency-Key already used with another body, and feedback on a
+    message that is the user's own rather than the assistant's."""
     if not isinstance(failure, RejectedPositiveData) or response.status_code != 422:
         return True
     error = response.json()["error"]
-    return not (error["code"] == "idempotency_key_reused" or error.get("fields") == NOT_OUR_CURSOR)
+    return not (error["code"] in ("idempotency_key_reused", "not_an_assistant_message")
+                or error.get("fields") == NOT_OUR_CURSOR)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +123,14 @@ def fuzz_server(app_url, request):
 
 @pytest.fixture(scope="module")
 def owned(fuzz_server):
-    """Tasks and conversations the fuzz user owns."""
+    """Tasks, conversations and messages (of both roles) the fuzz user owns."""
     api = f"{fuzz_server.url}/api/{FUZZ_USER.id}"
     for n in range(3):
         task = requests.post(f"{api}/tasks", json={"title": f"task {n}"}, headers=FUZZ_USER.headers, timeout=10)
         OWNED["task_id"].append(task.json()["id"])
         chat = requests.post(f"{api}/chat", json={"message": f"hello {n}"}, headers=FUZZ_USER.headers, timeout=10)
         OWNED["conversation_id"].append(chat.json()["conversation_id"])
+        OWNED["message_id"] += [chat.json()["user_message_id"], chat.json()["assistant_message_id"]]
     return OWNED
 
 

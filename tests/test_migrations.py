@@ -30,10 +30,17 @@ def isolation_state(cluster) -> list:
             "select table_name, string_agg(privilege_type, ',' order by privilege_type)"
             " from information_schema.role_table_grants where grantee = %s group by table_name order by table_name",
             (APP_ROLE,)).fetchall()
+        column_grants = conn.execute(
+            "select table_name, column_name, privilege_type from information_schema.role_column_grants"
+            " where grantee = %s and privilege_type <> 'SELECT' and privilege_type <> 'INSERT'"
+            " and privilege_type <> 'REFERENCES' order by 1, 2, 3", (APP_ROLE,)).fetchall()
+        # Our functions, not those of extensions (btree_gin's stay after a downgrade).
         functions = conn.execute(
             "select proname, prosecdef, proacl::text from pg_proc"
-            " where pronamespace = 'public'::regnamespace order by proname").fetchall()
-    return [tables, policies, grants, functions]
+            " where pronamespace = 'public'::regnamespace and not exists (select from pg_depend"
+            " where objid = pg_proc.oid and classid = 'pg_proc'::regclass and deptype = 'e') order by proname"
+        ).fetchall()
+    return [tables, policies, grants, functions, column_grants]
 
 
 def test_upgrade_downgrade_upgrade_round_trip():
@@ -46,12 +53,21 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert dict(upgraded[2])["write_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         assert dict(upgraded[2])["export_rate_limit"] == "DELETE,INSERT,SELECT,UPDATE"
         owner_only = f"{{{OWNER_ROLE}=X/{OWNER_ROLE}}}"  # EXECUTE for the owner, none for PUBLIC
+        owner_and_app = f"{{{OWNER_ROLE}=X/{OWNER_ROLE},{APP_ROLE}=X/{OWNER_ROLE}}}"
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
                                ("prune_export_rate_limits", True, owner_only),
                                ("prune_idempotency_keys", True, owner_only),
-                               ("prune_write_rate_limits", True, owner_only)]
+                               ("prune_write_rate_limits", True, owner_only),
+                               ("search_hits", True, owner_and_app),
+                               ("search_text", False, None)]
+        # Table-wide UPDATE on message is never granted: only the feedback columns, and those a reply's
+        # progress, end and supersession change.
+        assert [row for row in upgraded[4] if row[0] == "message"] == [
+            ("message", column, "UPDATE") for column in (
+                "content", "feedback_comment", "feedback_rating", "feedback_updated_at", "finish_reason", "model",
+                "stale_at", "status", "superseded_at", "tool_calls", "usage")]
         flask_db(cluster, "downgrade", "base")
-        assert isolation_state(cluster) == [[], [], [], []]
+        assert isolation_state(cluster) == [[], [], [], [], []]
         flask_db(cluster, "upgrade")
         assert isolation_state(cluster) == upgraded
         flask_db(cluster, "upgrade")  # nothing left to do: a second run changes nothing
@@ -88,11 +104,12 @@ def test_models_and_migrations_agree(owner_url):
 
 
 def test_a_database_with_conversations_upgrades_in_place():
-    """The lifecycle revision (0008) fills the new columns of existing rows under
+    """The lifecycle revision (0009) fills the new columns of existing rows under
     forced row-level security (the owner sees no row unless it lifts FORCE for the
-    backfill), and every message stays readable to its user, `complete`."""
+    backfill), the per-user keys (0010) take the rows as they are, and every message
+    stays readable to its user, `complete`."""
     with throwaway_cluster("chat-test-pg-upgrade-") as cluster:
-        flask_db(cluster, "downgrade", "0007_export_rate_limit")
+        flask_db(cluster, "downgrade", "0008_search_and_feedback")
         with psycopg.connect(cluster.url(APP_ROLE)) as conn:
             conn.execute("select set_config('app.user_id', 'old-user', false)")
             conversation_id = conn.execute("insert into conversation (user_id, title, message_count, turn_count)"

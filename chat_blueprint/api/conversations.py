@@ -7,12 +7,14 @@ from flask import g
 
 from ..db.extensions import db
 from ..schemas import (
+    ConversationListQuerySchema,
     ConversationPageSchema,
     ConversationPatchSchema,
     ConversationSchema,
+    FeedbackRequestSchema,
     MessagePageQuerySchema,
     MessagePageSchema,
-    PageQuerySchema,
+    MessageSchema,
     UIMessagePageSchema,
 )
 from ..services import conversations
@@ -25,13 +27,17 @@ conversation_schema = ConversationSchema()
 conversation_page_schema = ConversationPageSchema()
 message_page_schema = MessagePageSchema()
 ui_message_page_schema = UIMessagePageSchema()
+message_schema = MessageSchema()
 
 
 @bp.get("/conversations")
 def list_conversations():
-    """The user's conversations, most recently updated first."""
-    args = query_args(PageQuerySchema())
-    page, next_cursor = conversations.list_conversations(db.session, g.user_id, args["limit"], args["cursor"])
+    """The user's conversations (archived ones with archived=true), pinned
+    first, then most recently updated first; with `q`, only those holding
+    every word of it, each with a snippet."""
+    args = query_args(ConversationListQuerySchema())
+    page, next_cursor = conversations.list_conversations(db.session, g.user_id, args["limit"], args["cursor"],
+                                                         args["archived"], args["q"])
     return conversation_page_schema.dump({"data": page, "next_cursor": next_cursor})
 
 
@@ -41,9 +47,10 @@ def get_conversation(conversation_id: uuid.UUID):
 
 
 @bp.patch("/conversations/<uuid:conversation_id>")
-def rename_conversation(conversation_id: uuid.UUID):
-    title = json_body(ConversationPatchSchema())["title"]
-    return conversation_schema.dump(conversations.rename_conversation(db.session, g.user_id, conversation_id, title))
+def update_conversation(conversation_id: uuid.UUID):
+    """Rename, archive or pin (any of them at once)."""
+    changes = json_body(ConversationPatchSchema())
+    return conversation_schema.dump(conversations.update_conversation(db.session, g.user_id, conversation_id, changes))
 
 
 @bp.post("/conversations/<uuid:conversation_id>/stop")
@@ -71,3 +78,12 @@ def list_messages(conversation_id: uuid.UUID):
                                                     superseded=args["include"] == "superseded")
     schema = ui_message_page_schema if args["format"] == "ui" else message_page_schema
     return schema.dump({"data": page, "next_cursor": next_cursor})
+
+
+@bp.put("/conversations/<uuid:conversation_id>/messages/<bigint:message_id>/feedback")
+def give_feedback(conversation_id: uuid.UUID, message_id: int):
+    """The user's rating (up, down or null) and comment on an assistant message."""
+    body = json_body(FeedbackRequestSchema())
+    message = conversations.give_feedback(db.session, g.user_id, conversation_id, message_id, body["rating"],
+                                          body["comment"])
+    return message_schema.dump(message)

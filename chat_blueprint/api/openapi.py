@@ -61,6 +61,7 @@ TASK_ID = {"name": "task_id", "in": "path", "required": True,
            "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX}}
 CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True,
                    "schema": {"type": "string", "format": "uuid"}}
+MESSAGE_ID = {**TASK_ID, "name": "message_id"}
 # An HTTP field value as the app reads it: printable Latin-1, no whitespace at either end.
 _KEY_EDGE = "[\\u0021-\\u007e\\u00a1-\\u00ac\\u00ae-\\u00ff]"
 _KEY_INNER = "[\\u0020-\\u007e\\u00a1-\\u00ac\\u00ae-\\u00ff]"
@@ -171,8 +172,11 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
         body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
         errors=(*BODY_ERRORS, "409", "502", "504"),
-        links=_links("/conversation_id", "conversation_id", "getConversation", "listMessages", "renameConversation",
-                     "deleteConversation"),
+        links={**_links("/conversation_id", "conversation_id", "getConversation", "listMessages",
+                        "renameConversation", "deleteConversation"),
+               "giveFeedback": {"operationId": "giveFeedback", "parameters": {
+                   "user_id": "$request.path.user_id", "conversation_id": "$response.body#/conversation_id",
+                   "message_id": "$response.body#/assistant_message_id"}}},
     )
     chat["requestBody"]["content"]["application/json"]["schema"] = {"oneOf": [
         {"$ref": "#/components/schemas/ChatRequest"}, {"$ref": "#/components/schemas/ChatEdit"},
@@ -191,9 +195,10 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     spec.path(
         path="/api/{user_id}/conversations",
         parameters=[USER_ID],
-        operations={"get": _operation("listConversations", "List conversations, most recently updated first",
-                                      "200", "a page of conversations", "ConversationPage",
-                                      query=schemas.PageQuerySchema, errors=LIST_ERRORS)},
+        operations={"get": _operation(
+            "listConversations", "List conversations (pinned first, then most recently updated first), or search them",
+            "200", "a page of conversations; with `q`, of those holding every word, each with a snippet",
+            "ConversationPage", query=schemas.ConversationListQuerySchema, errors=LIST_ERRORS)},
     )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}",
@@ -201,8 +206,9 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         operations={
             "get": _operation("getConversation", "Read a conversation", "200", "the conversation", "Conversation",
                               errors=READ_ERRORS),
-            "patch": _operation("renameConversation", "Rename a conversation", "200", "the conversation",
-                                "Conversation", body=schemas.ConversationPatchSchema, errors=BODY_ERRORS),
+            "patch": _operation("renameConversation", "Rename, archive or pin a conversation (updated_at stays)",
+                                "200", "the conversation", "Conversation", body="ConversationPatch",
+                                errors=BODY_ERRORS),
             "delete": _operation("deleteConversation", "Delete a conversation and its messages", "204", "deleted",
                                  errors=WRITE_ERRORS),
         },
@@ -231,6 +237,14 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
         path="/api/{user_id}/conversations/{conversation_id}/messages",
         parameters=[USER_ID, CONVERSATION_ID],
         operations={"get": messages},
+    )
+    spec.path(
+        path="/api/{user_id}/conversations/{conversation_id}/messages/{message_id}/feedback",
+        parameters=[USER_ID, CONVERSATION_ID, MESSAGE_ID],
+        operations={"put": _operation(
+            "giveFeedback", "Rate an assistant message up or down (null clears), with an optional comment", "200",
+            "the message, with its feedback (422 `not_an_assistant_message` on a user message)", "Message",
+            body=schemas.FeedbackRequestSchema, errors=BODY_ERRORS)},
     )
 
 
@@ -299,13 +313,15 @@ def _document(message_max_chars: int) -> dict:
         version="0.1.0",
         openapi_version="3.0.3",
         plugins=[MarshmallowPlugin()],
-        info={"description": "Chat, conversation history, tasks and the user's data (export, erasure), "
-                             "isolated per user by PostgreSQL row-level security."},
+        info={"description": "Chat, conversation history (search, archive, pin, feedback), tasks and the user's "
+                             "data (export, erasure), isolated per user by PostgreSQL row-level security."},
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     spec.components.schema("Task", schema=schemas.TaskSchema)
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
+    spec.components.schema("ConversationPatch", schemas.ConversationPatchSchema.openapi_extra,
+                           schema=schemas.ConversationPatchSchema)
     spec.components.schema("ChatRequest", schema=schemas.ChatRequestSchema(max_chars=message_max_chars))
     spec.components.schema("ChatEdit", schema=schemas.ChatEditSchema(max_chars=message_max_chars))
     for component in ("ChatRegenerate", "UIChatRequest", "Conversation", "Message", "ChatResponse",

@@ -71,6 +71,7 @@ with recursive grant_edge(member, granted) as (
     select distinct on (oid) oid, chain from reachable order by oid, cardinality(chain), chain
 )
 select r.rolname, s.chain, r.rolsuper, r.rolbypassrls,
+       r.rolcreaterole and current_setting('server_version_num')::int < 160000,
        array(select t.name from unnest(%(tables)s::text[]) with ordinality as t(name, position)
              join pg_class c on c.oid = to_regclass(t.name) where c.relowner = r.oid order by t.position)
 from shortest s join pg_roles r on r.oid = s.oid
@@ -101,7 +102,7 @@ def isolation_problems(cursor) -> list[str]:
     return problems
 
 
-def role_problems(name: str, chain: list[str], is_superuser: bool, bypasses_rls: bool,
+def role_problems(name: str, chain: list[str], is_superuser: bool, bypasses_rls: bool, grants_any_role: bool,
                   owned: list[str]) -> list[str]:
     """Why role `name`, which the connected role is (a chain of one) or can
     become (through `chain`), could turn isolation off, as sentences: one per
@@ -111,6 +112,9 @@ def role_problems(name: str, chain: list[str], is_superuser: bool, bypasses_rls:
         reasons.append("is a superuser, which bypasses row-level security" if len(chain) == 1 else "is a superuser")
     if bypasses_rls:
         reasons.append("has BYPASSRLS")
+    if grants_any_role:
+        reasons.append("has CREATEROLE, which before PostgreSQL 16 lets it grant itself any role but a superuser "
+                       "(the tables' owner among them)")
     if owned:
         reasons.append(f"owns table{'s' if len(owned) > 1 else ''} {', '.join(owned)}"
                        " (an owner can turn row-level security off)")

@@ -30,6 +30,14 @@ from .extensions import db
 
 NOT_BLANK_USER = "user_id <> ''"
 BIGINT_MAX = 2**63 - 1  # the largest id a bigint column holds
+# Text search reads search_text(...) (migration 0007: the first SEARCHED_CHARS
+# characters, lowercased by ICU) with the `simple`
+# configuration (no stemming, any language); policies/search.sql and the
+# indexes below must say the same, or the index is not used.
+SEARCH_CONFIG = "simple"
+SEARCHED_CHARS = 50_000
+RATINGS = ("up", "down")
+FEEDBACK_COMMENT_MAX_CHARS = 2000
 
 
 class Task(db.Model):
@@ -54,7 +62,14 @@ class Conversation(db.Model):
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
         PrimaryKeyConstraint("user_id", "id"),
-        Index("ix_conversation_user_updated", "user_id", text("updated_at DESC"), text("id DESC")),
+        # The list always names archived or not (a literal, so these partial
+        # indexes apply); a search's titles, which do not, take the GIN index.
+        Index("ix_conversation_user_listed", "user_id", text("pinned DESC"), text("updated_at DESC"), text("id DESC"),
+              postgresql_where=text("NOT archived")),
+        Index("ix_conversation_user_archived", "user_id", text("pinned DESC"), text("updated_at DESC"),
+              text("id DESC"), postgresql_where=text("archived")),
+        Index("ix_conversation_search", "user_id",
+              text(f"to_tsvector('{SEARCH_CONFIG}'::regconfig, search_text(title))"), postgresql_using="gin"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), server_default=func.gen_random_uuid())
@@ -64,6 +79,8 @@ class Conversation(db.Model):
     turn_count: Mapped[int] = mapped_column(Integer, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    archived: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    pinned: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 # What a message's status reads as now: a reply still `streaming` after its
@@ -86,7 +103,10 @@ class Message(db.Model):
     A reply exists from the moment it is produced: `streaming` (its content
     the text so far), then `complete` or `stopped`; `ui_id` is the id a chat
     UI keys it by; a superseded message is kept, out of the conversation's
-    current messages."""
+    current messages.
+    Feedback (a rating, a comment, when) is given on assistant messages only;
+    the app role may update those three columns, and those a reply's progress,
+    end and supersession change, and no other."""
 
     __tablename__ = "message"
     __table_args__ = (
@@ -114,6 +134,14 @@ class Message(db.Model):
         Index("uq_message_ui_id", "user_id", "conversation_id", "ui_id", unique=True,
               postgresql_where=text("superseded_at IS NULL")),
         Index("ix_message_streaming", "user_id", "conversation_id", postgresql_where=text("status = 'streaming'")),
+        CheckConstraint(f"feedback_rating IN {RATINGS!r}", name="feedback_rating_known"),
+        CheckConstraint(f"char_length(feedback_comment) <= {FEEDBACK_COMMENT_MAX_CHARS}",
+                        name="feedback_comment_length"),
+        CheckConstraint("feedback_updated_at IS NULL OR role = 'assistant'", name="feedback_on_replies"),
+        CheckConstraint("feedback_updated_at IS NOT NULL OR (feedback_rating IS NULL AND feedback_comment IS NULL)",
+                        name="feedback_dated"),
+        Index("ix_message_search", "user_id", text(f"to_tsvector('{SEARCH_CONFIG}'::regconfig, search_text(content))"),
+              postgresql_using="gin"),
     )
 
     conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
@@ -133,6 +161,9 @@ class Message(db.Model):
     stale_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     current_status: Mapped[str] = column_property(literal_column(CURRENT_STATUS_SQL))
+    feedback_rating: Mapped[str | None] = mapped_column(Text)
+    feedback_comment: Mapped[str | None] = mapped_column(Text)
+    feedback_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class IdempotencyKey(db.Model):

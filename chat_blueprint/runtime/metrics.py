@@ -31,6 +31,11 @@ PROMPT_TOKENS = Counter("assistant_prompt_tokens_total", "Prompt tokens the assi
                         ["backend", "model"])
 COMPLETION_TOKENS = Counter("assistant_completion_tokens_total", "Completion tokens the assistant backend reported",
                             ["backend", "model"])
+# Changes of a user's rating of a reply: how the team running a model learns
+# which model's replies users rate down. One count per change, under the new
+# rating ("none": cleared); an "up" changed to "down" counts once under each.
+FEEDBACK = Counter("assistant_feedback_total", "Changes of users' ratings of assistant replies",
+                   ["rating", "model"])
 # `model` is what the backend reported, so a misbehaving one could name a new
 # model in every answer; past this many names per process they count as "other".
 MODEL_LABELS_MAX = 32
@@ -43,16 +48,26 @@ def observe_assistant(backend: str, outcome: str, seconds: float) -> None:
     ASSISTANT_LATENCY.labels(backend, outcome).observe(seconds)
 
 
-def observe_tokens(backend: str, model: str | None, usage: dict) -> None:
-    """Count a reply's tokens by the model that produced them (cost per model)."""
+def _model_label(model: str | None) -> str:
+    """The model's name as a label, "unknown" for none, "other" past MODEL_LABELS_MAX names."""
     label = model or "unknown"
     if label not in _model_labels:
         if len(_model_labels) >= MODEL_LABELS_MAX:
-            label = "other"
-        else:
-            _model_labels.add(label)
+            return "other"
+        _model_labels.add(label)
+    return label
+
+
+def observe_tokens(backend: str, model: str | None, usage: dict) -> None:
+    """Count a reply's tokens by the model that produced them (cost per model)."""
+    label = _model_label(model)
     PROMPT_TOKENS.labels(backend, label).inc(usage["prompt_tokens"])
     COMPLETION_TOKENS.labels(backend, label).inc(usage["completion_tokens"])
+
+
+def count_feedback(rating: str | None, model: str | None) -> None:
+    """A user changed their rating of a reply of `model` to `rating` (None: cleared)."""
+    FEEDBACK.labels(rating or "none", _model_label(model)).inc()
 
 
 def watch_pool(engine) -> None:

@@ -8,8 +8,10 @@ number of values, of the right types, in range) and answers anything else with
 forged one can only move a user's own page, since every query it feeds is
 filtered by the user and by row-level security.
 
-- conversations, most recently updated first: `[updated_at, id]`
-  (ISO 8601 with an offset, UUID string);
+- conversations, pinned first, then most recently updated first:
+  `[pinned, updated_at, id]` (a boolean, ISO 8601 with an offset, a UUID
+  string). A cursor written before pinning existed, `[updated_at, id]`, is
+  still read, as a position among the unpinned: it was written when none was;
 - messages, in id order either way: `[id]`;
 - tasks, newest first: `[created_at, id]` (ISO 8601 with an offset, integer).
 """
@@ -47,15 +49,15 @@ def _encode(*values) -> str:
     return base64.urlsafe_b64encode(json.dumps(values, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def _decode(cursor: str, arity: int) -> list:
-    """The JSON array of `arity` values a cursor holds."""
+def _decode(cursor: str, *arities: int) -> list:
+    """The JSON array of values a cursor holds, as many as one of `arities`."""
     if not isinstance(cursor, str):
         raise InvalidCursor()
     try:
         values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, TypeError, binascii.Error, RecursionError):
         raise InvalidCursor() from None
-    if not isinstance(values, list) or len(values) != arity:
+    if not isinstance(values, list) or len(values) not in arities:
         raise InvalidCursor()
     return values
 
@@ -93,13 +95,21 @@ def _utc_text(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
-def encode_conversation(updated_at: datetime, conversation_id: uuid.UUID) -> str:
-    return _encode(_utc_text(updated_at), str(conversation_id))
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidCursor()
+    return value
 
 
-def decode_conversation(cursor: str) -> tuple[datetime, uuid.UUID]:
-    updated_at, conversation_id = _decode(cursor, 2)
-    return _timestamp(updated_at), _uuid(conversation_id)
+def encode_conversation(pinned: bool, updated_at: datetime, conversation_id: uuid.UUID) -> str:
+    return _encode(pinned, _utc_text(updated_at), str(conversation_id))
+
+
+def decode_conversation(cursor: str) -> tuple[bool, datetime, uuid.UUID]:
+    values = _decode(cursor, 3, 2)
+    pinned = _flag(values.pop(0)) if len(values) == 3 else False
+    updated_at, conversation_id = values
+    return pinned, _timestamp(updated_at), _uuid(conversation_id)
 
 
 def encode_message(message_id: int) -> str:

@@ -13,10 +13,11 @@
   `reply_to` foreign key's lookups (a delete would scan the table for each
   row): `ix_message_reply_to` does.
 - The app role may now UPDATE the columns a reply's progress, end and
-  supersession change (policies/message.sql, applied again).
+  supersession change (policies/message.sql, applied again), and a search
+  reads current messages only (policies/search.sql, applied again).
 
-Revision ID: 0008_turn_lifecycle
-Revises: 0007_export_rate_limit
+Revision ID: 0009_turn_lifecycle
+Revises: 0008_search_and_feedback
 Create Date: 2026-12-06
 """
 from pathlib import Path
@@ -25,12 +26,12 @@ from alembic import op
 from flask import current_app
 from psycopg import sql
 
-revision = "0008_turn_lifecycle"
-down_revision = "0007_export_rate_limit"
+revision = "0009_turn_lifecycle"
+down_revision = "0008_search_and_feedback"
 branch_labels = None
 depends_on = None
 
-POLICY = Path(__file__).resolve().parents[2] / "policies" / "message.sql"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def _cursor():
@@ -63,7 +64,8 @@ def upgrade():
         CREATE INDEX ix_message_streaming ON message (conversation_id) WHERE status = 'streaming';
     """)
     cursor.execute("SELECT set_config('chat.app_role', %s, true)", (current_app.config["SETTINGS"].app_db_role,))
-    cursor.execute(POLICY.read_text())
+    cursor.execute((POLICIES / "message.sql").read_text())
+    cursor.execute((POLICIES / "search.sql").read_text())  # searches leave superseded messages out
 
 
 def downgrade():

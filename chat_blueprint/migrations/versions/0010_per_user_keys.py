@@ -6,14 +6,14 @@ other users' ids, and every primary key, foreign key and unique index of a
 table with user_id includes it, which is also what a database distributed by
 user_id (Citus) requires. Existing rows keep their ids: an upgrade in place.
 
-Revision ID: 0009_per_user_keys
-Revises: 0008_turn_lifecycle
+Revision ID: 0010_per_user_keys
+Revises: 0009_turn_lifecycle
 Create Date: 2026-12-06
 """
 from alembic import op
 
-revision = "0009_per_user_keys"
-down_revision = "0008_turn_lifecycle"
+revision = "0010_per_user_keys"
+down_revision = "0009_turn_lifecycle"
 branch_labels = None
 depends_on = None
 
