@@ -16,6 +16,7 @@ from bench.measure import ConnectionWatcher, Cpu, Peak, message_writes, rss_mb
 from bench.settings import (
     BASELINE,
     BASELINE_ASSISTANT,
+    BASELINE_DATABASE,
     BASELINE_PREFIX,
     CONCURRENCIES,
     HEALTHZ_PROBES,
@@ -75,21 +76,27 @@ class Bench:
         return self.cluster.url(SUPERUSER, DATABASE)
 
 
-def baseline_tree(bench: Bench) -> Path:
+def baseline_tree(work: Path) -> Path:
     """The BENCH_BASELINE revision checked out once in the bench's directory (removed with it)."""
-    tree = bench.work / "baseline-tree"
+    tree = work / "baseline-tree"
     if not tree.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BASELINE], check=True,
                        capture_output=True)
     return tree
 
 
+def baseline_args(bench: Bench) -> dict:
+    """How a server runs the BENCH_BASELINE revision's app: from its checkout, on
+    the database its own migrations made (BASELINE_DATABASE, seeded alike)."""
+    tree = baseline_tree(bench.work)
+    return {"root": tree, "PYTHONPATH": str(tree), "DATABASE_URL": bench.cluster.url(APP_ROLE, BASELINE_DATABASE)}
+
+
 def runtime_args(bench: Bench, runtime: str) -> dict:
     """The environment (and the app's root) of a runtime phase's server."""
     if not runtime.startswith(BASELINE_PREFIX):
         return dict(RUNTIMES[runtime])
-    tree = baseline_tree(bench)
-    return {"root": tree, "PYTHONPATH": str(tree), **RUNTIMES[runtime_of(runtime)]}
+    return {**baseline_args(bench), **RUNTIMES[runtime_of(runtime)]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -183,22 +190,15 @@ def baseline(bench: Bench, revision: str) -> dict:
     same database and runtime, measured in turns (A B A B A B) at 16 clients;
     with each server's CPU per turn over its own runs."""
     log(f"baseline: {revision} against the working tree, {BASELINE_ASSISTANT} assistant")
-    tree = bench.work / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
-                   capture_output=True)
     cpu = {"before": Cpu(bench.cluster), "after": Cpu(bench.cluster)}
-    try:
-        with ExitStack() as stack:
-            env = dict(SAME_RUNTIME)
-            if BASELINE_ASSISTANT == "openai":
-                _, base_url = stack.enter_context(slow_upstream(0.0))
-                env.update(openai_env(base_url))
-            before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", root=tree,
-                                                  PYTHONPATH=str(tree), **env))
-            after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
-            runs = alternate(bench, {"before": before, "after": after}, cpu, 16)
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    with ExitStack() as stack:
+        env = dict(SAME_RUNTIME)
+        if BASELINE_ASSISTANT == "openai":
+            _, base_url = stack.enter_context(slow_upstream(0.0))
+            env.update(openai_env(base_url))
+        before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", **baseline_args(bench), **env))
+        after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
+        runs = alternate(bench, {"before": before, "after": after}, cpu, 16)
     result = {"revision": revision, "cpu": {}}
     for name in ("before", "after"):
         turns = sum(run["requests"] for run in runs[name])

@@ -58,9 +58,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.measure import Cpu
-from bench.phases import PHASES, RUNTIME_PHASES, Bench
+from bench.phases import PHASES, RUNTIME_PHASES, Bench, baseline_tree
 from bench.settings import (
     BASELINE,
+    BASELINE_PREFIX,
     IN_FLIGHT,
     IN_FLIGHT_ASSISTANT_S,
     RESULTS,
@@ -252,6 +253,8 @@ def raise_open_files_limit() -> None:
 
 def main() -> int:
     phases = selected_phases()
+    if any(name.startswith(BASELINE_PREFIX) for name in RUNTIME_NAMES) and not BASELINE:
+        raise SystemExit(f"BENCH_RUNTIMES names a {BASELINE_PREFIX} runtime: it needs BENCH_BASELINE=<git revision>")
     unknown = {runtime_of(name) for name in RUNTIME_NAMES} - set(RUNTIMES)
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
@@ -270,7 +273,9 @@ def main() -> int:
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                      "runtimes": {name: RUNTIMES[runtime_of(name)] for name in RUNTIME_NAMES}}
     try:
-        bench = Bench(cluster, work, all_targets(), prepare(cluster, norls="rls" in phases))
+        baseline = "baseline" in phases or any(name.startswith(BASELINE_PREFIX) for name in RUNTIME_NAMES)
+        bench = Bench(cluster, work, all_targets(),
+                      prepare(cluster, norls="rls" in phases, baseline_tree=baseline_tree(work) if baseline else None))
         for name in phases:
             for runtime in RUNTIME_NAMES if name in RUNTIME_PHASES else RUNTIME_NAMES[:1]:
                 log(f"phase {name}" + (f" [{runtime}]" if name in RUNTIME_PHASES else ""))

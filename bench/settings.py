@@ -53,6 +53,7 @@ SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "DATABASE_POOL_SIZE": "2",
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
 RESULTS = ROOT / "bench" / "results"
 NORLS_DATABASE = "chat_norls"
+BASELINE_DATABASE = "chat_base"  # migrated and served by the BENCH_BASELINE revision
 # The search phase's own database: SEARCH_USERS users with SEARCH_CONVERSATIONS
 # conversations of SEARCH_MESSAGES messages each (BENCH_SEARCH_USERS and
 # BENCH_SEARCH_CONVERSATIONS make a quick run smaller), of 20 words drawn from
