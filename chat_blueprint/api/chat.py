@@ -5,9 +5,9 @@ import uuid
 
 from flask import current_app, g, request
 
+from ..chat_schemas import ChatEditSchema, ChatRegenerateSchema, ChatRequestSchema
 from ..db.extensions import db
 from ..errors import invalid_fields
-from ..schemas import ChatEditSchema, ChatRegenerateSchema, ChatRequestSchema
 from ..services import resume as resume_service
 from ..services.rewrites import Rewrite
 from ..services.turns import Replay, Turns

@@ -5,6 +5,7 @@ import uuid
 
 from flask import g
 
+from ..chat_schemas import UIMessagePageSchema
 from ..db.extensions import db
 from ..schemas import (
     ConversationListQuerySchema,
@@ -15,7 +16,6 @@ from ..schemas import (
     MessagePageQuerySchema,
     MessagePageSchema,
     MessageSchema,
-    UIMessagePageSchema,
 )
 from ..services import conversations
 from .bodies import json_body, query_args

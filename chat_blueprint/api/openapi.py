@@ -11,7 +11,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, has_app_context
 
-from .. import schemas
+from .. import chat_schemas, schemas
 from ..config import DEFAULT_MESSAGE_MAX_CHARS
 from ..db.models import BIGINT_MAX
 
@@ -170,7 +170,7 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     chat = _operation(
         "chat", "One chat turn: store the message, ask the assistant with the stored history, store its reply",
         "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
-        body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
+        body=chat_schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
         errors=(*BODY_ERRORS, "409", "502", "504"),
         links={**_links("/conversation_id", "conversation_id", "getConversation", "listMessages",
                         "renameConversation", "deleteConversation"),
@@ -322,11 +322,12 @@ def _document(message_max_chars: int) -> dict:
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
     spec.components.schema("ConversationPatch", schemas.ConversationPatchSchema.openapi_extra,
                            schema=schemas.ConversationPatchSchema)
-    spec.components.schema("ChatRequest", schema=schemas.ChatRequestSchema(max_chars=message_max_chars))
-    spec.components.schema("ChatEdit", schema=schemas.ChatEditSchema(max_chars=message_max_chars))
+    spec.components.schema("ChatRequest", schema=chat_schemas.ChatRequestSchema(max_chars=message_max_chars))
+    spec.components.schema("ChatEdit", schema=chat_schemas.ChatEditSchema(max_chars=message_max_chars))
     for component in ("ChatRegenerate", "UIChatRequest", "Conversation", "Message", "ChatResponse",
                       "ConversationPage", "MessagePage", "UIMessagePage", "Stop", "Export"):
-        spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
+        spec.components.schema(component, schema=getattr(schemas, f"{component}Schema", None)
+                               or getattr(chat_schemas, f"{component}Schema"))
     _task_paths(spec)
     _chat_paths(spec, message_max_chars)
     _user_data_paths(spec)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..chat_schemas import UIChatRequestSchema
 from ..errors import invalid_fields
-from ..schemas import UIChatRequestSchema
 from ..services.rewrites import Rewrite
 
 UI_ID_MAX_CHARS = 255

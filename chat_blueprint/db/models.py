@@ -61,7 +61,7 @@ class Conversation(db.Model):
     __tablename__ = "conversation"
     __table_args__ = (
         CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
-        PrimaryKeyConstraint("user_id", "id"),
+        PrimaryKeyConstraint("id", "user_id"),  # no btree led by user_id: see migration 0010
         # The list always names archived or not (a literal, so these partial
         # indexes apply); a search's titles, which do not, take the GIN index.
         Index("ix_conversation_user_listed", "user_id", text("pinned DESC"), text("updated_at DESC"), text("id DESC"),
@@ -113,7 +113,7 @@ class Message(db.Model):
         CheckConstraint("role IN ('user', 'assistant')", name="role_known"),
         CheckConstraint("(role = 'assistant') = (reply_to IS NOT NULL)", name="assistant_replies"),
         CheckConstraint("(role = 'user') = (turn IS NOT NULL)", name="user_has_turn"),
-        PrimaryKeyConstraint("user_id", "conversation_id", "id"),
+        PrimaryKeyConstraint("conversation_id", "id", "user_id"),
         ForeignKeyConstraint(
             ["user_id", "conversation_id"],
             ["conversation.user_id", "conversation.id"],
@@ -127,13 +127,13 @@ class Message(db.Model):
         CheckConstraint("length(ui_id) BETWEEN 1 AND 255", name="ui_id_length"),
         CheckConstraint("status IN ('streaming', 'complete', 'stopped')", name="status_known"),
         CheckConstraint("(status = 'streaming') = (stale_at IS NOT NULL)", name="streaming_goes_stale"),
-        Index("uq_message_reply_to", "user_id", "conversation_id", "reply_to", unique=True,
+        Index("uq_message_reply_to", "conversation_id", "reply_to", "user_id", unique=True,
               postgresql_where=text("reply_to IS NOT NULL AND superseded_at IS NULL")),
-        Index("ix_message_reply_to", "user_id", "conversation_id", "reply_to",
+        Index("ix_message_reply_to", "conversation_id", "reply_to", "user_id",
               postgresql_where=text("reply_to IS NOT NULL")),
-        Index("uq_message_ui_id", "user_id", "conversation_id", "ui_id", unique=True,
+        Index("uq_message_ui_id", "conversation_id", "ui_id", "user_id", unique=True,
               postgresql_where=text("superseded_at IS NULL")),
-        Index("ix_message_streaming", "user_id", "conversation_id", postgresql_where=text("status = 'streaming'")),
+        Index("ix_message_streaming", "conversation_id", "user_id", postgresql_where=text("status = 'streaming'")),
         CheckConstraint(f"feedback_rating IN {RATINGS!r}", name="feedback_rating_known"),
         CheckConstraint(f"char_length(feedback_comment) <= {FEEDBACK_COMMENT_MAX_CHARS}",
                         name="feedback_comment_length"),
@@ -141,7 +141,8 @@ class Message(db.Model):
         CheckConstraint("feedback_updated_at IS NOT NULL OR (feedback_rating IS NULL AND feedback_comment IS NULL)",
                         name="feedback_dated"),
         Index("ix_message_search", "user_id", text(f"to_tsvector('{SEARCH_CONFIG}'::regconfig, search_text(content))"),
-              postgresql_using="gin"),
+              postgresql_using="gin",
+              postgresql_where=text("superseded_at IS NULL AND status <> 'streaming'")),
     )
 
     conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))

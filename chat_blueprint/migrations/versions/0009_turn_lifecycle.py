@@ -62,6 +62,11 @@ def upgrade():
         CREATE INDEX ix_message_reply_to ON message (reply_to) WHERE reply_to IS NOT NULL;
         CREATE UNIQUE INDEX uq_message_ui_id ON message (conversation_id, ui_id) WHERE superseded_at IS NULL;
         CREATE INDEX ix_message_streaming ON message (conversation_id) WHERE status = 'streaming';
+        -- A search reads current messages whose text is final: a reply being produced is
+        -- rewritten at every flush, which would recompute its text-search vector each time.
+        DROP INDEX ix_message_search;
+        CREATE INDEX ix_message_search ON message USING gin (user_id, to_tsvector('simple'::regconfig,
+            search_text(content))) WHERE superseded_at IS NULL AND status <> 'streaming';
     """)
     cursor.execute("SELECT set_config('chat.app_role', %s, true)", (current_app.config["SETTINGS"].app_db_role,))
     cursor.execute((POLICIES / "message.sql").read_text())
@@ -72,6 +77,9 @@ def downgrade():
     cursor = _cursor()
     cursor.execute("""
         DROP INDEX ix_message_streaming;
+        DROP INDEX ix_message_search;
+        CREATE INDEX ix_message_search
+            ON message USING gin (user_id, to_tsvector('simple'::regconfig, search_text(content)));
         DROP INDEX uq_message_ui_id;
         DROP INDEX uq_message_reply_to;
         DROP INDEX ix_message_reply_to;
