@@ -21,6 +21,10 @@ Modes:
 - `trickle`: `clients` connections send a chat turn's headers, then its body
   one byte at a time over `trickle_s`, while `probes` GETs of /healthz, one
   after another, measure how long the server takes to answer anyone else.
+- `overload`: like `turns` (blocking), but a client refused with 503 and
+  `Retry-After` waits that long and posts again, as a well-behaved client
+  does; refusals are timed apart from answers, and /healthz is probed every
+  `probe_interval_s` meanwhile.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class Outcome:
     status: int = 0
     first_delta: float | None = None
     error: str | None = None
+    code: str | None = None  # the error code of a JSON error answer
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -137,9 +143,15 @@ async def turn(client: int, host: str, port: int, raw: bytes, stream: bool, time
             await writer.drain()
             outcome.status, headers = await read_head(reader)
             events = EventStream() if stream and outcome.status == 200 else None
+            body = b""
             async for piece in read_body(reader, headers):
                 if events:
                     events.feed(piece)
+                elif outcome.status != 200:
+                    body += piece
+            if outcome.status != 200:
+                outcome.code = error_code(body)
+                outcome.retry_after = float(headers["retry-after"]) if "retry-after" in headers else None
             if events:
                 events.check()
                 outcome.first_delta = events.first_delta
@@ -172,6 +184,69 @@ async def turns(spec: dict) -> dict:
     started = time.monotonic()
     await asyncio.gather(*(client(n) for n in range(spec["clients"])))
     return summarize_turns(outcomes, started, stream)
+
+
+def error_code(body: bytes) -> str | None:
+    try:
+        return json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def get(host: str, port: int, path: str, timeout_s: float) -> tuple[float, int]:
+    """One GET on a connection of its own: how long it took, and its status (0: failed)."""
+    started, writer, status = time.monotonic(), None, 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            status, headers = await read_head(reader)
+            async for _ in read_body(reader, headers):
+                pass
+    except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, TimeoutError):
+        status = 0
+    finally:
+        if writer is not None:
+            writer.close()
+    return time.monotonic() - started, status
+
+
+async def overload(spec: dict) -> dict:
+    host, port, targets = spec["host"], spec["port"], spec["targets"]
+    deadline = time.monotonic() + spec["seconds"]
+    answered: list[Outcome] = []
+    refused: list[Outcome] = []
+    probes: list[tuple[float, int]] = []
+
+    async def client(n: int) -> None:
+        target = targets[n % len(targets)]
+        raw = request_bytes(host, port, target, {"message": "bench turn", "conversation_id": target[2]})
+        while time.monotonic() < deadline:
+            outcome = await turn(n, host, port, raw, False, spec.get("timeout_s", 120))
+            if outcome.status == 503 and outcome.retry_after is not None and outcome.code == "server_busy":
+                refused.append(outcome)
+                await asyncio.sleep(outcome.retry_after)
+            else:
+                answered.append(outcome)
+
+    async def probe() -> None:
+        while time.monotonic() < deadline:
+            probes.append(await get(host, port, "/healthz", 30))
+            await asyncio.sleep(spec.get("probe_interval_s", 0.25))
+
+    started = time.monotonic()
+    await asyncio.gather(probe(), *(client(n) for n in range(spec["clients"])))
+    result = summarize_turns(answered, started, False)
+    waits = [o.finished - o.started for o in refused]
+    healthz = [elapsed for elapsed, _ in probes]
+    result.update(refused=len(refused), refused_p50_ms=ms(percentile(waits, 50)),
+                  refused_p99_ms=ms(percentile(waits, 99)), refused_max_ms=ms(max(waits, default=None)),
+                  healthz_probes=len(probes), healthz_failed=sum(status != 200 for _, status in probes),
+                  healthz_p50_ms=ms(percentile(healthz, 50)), healthz_p99_ms=ms(percentile(healthz, 99)),
+                  healthz_max_ms=ms(max(healthz, default=None)),
+                  failed_codes=dict(Counter(o.code or f"HTTP {o.status}" for o in answered if not o.ok)))
+    return result
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -257,22 +332,8 @@ async def trickle(spec: dict) -> dict:
                 writer.close()
 
     async def probe() -> tuple[float, str | None]:
-        started = time.monotonic()
-        writer = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
-                writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
-                await writer.drain()
-                status, headers = await read_head(reader)
-                async for _ in read_body(reader, headers):
-                    pass
-            return time.monotonic() - started, None if status == 200 else f"HTTP {status}"
-        except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            return time.monotonic() - started, f"socket: {type(exc).__name__}"
-        finally:
-            if writer is not None:
-                writer.close()
+        elapsed, status = await get(host, port, "/healthz", timeout_s)
+        return elapsed, None if status == 200 else (f"HTTP {status}" if status else "socket: failed")
 
     started = time.monotonic()
     trickling = [asyncio.create_task(slow_client(n)) for n in range(clients)]
@@ -305,7 +366,7 @@ async def trickle(spec: dict) -> dict:
     }
 
 
-MODES = {"turns": turns, "trickle": trickle}
+MODES = {"turns": turns, "trickle": trickle, "overload": overload}
 
 
 def main(path: str) -> None:

@@ -151,3 +151,14 @@ def rss_mb(server: Server) -> float:
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         kilobytes += int(match.group(1)) if match else 0
     return kilobytes / 1024
+
+
+MESSAGE_WRITES = "SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname = 'message'"
+
+
+def message_writes(superuser_url: str) -> int:
+    """Rows of the message table written so far (inserted, updated, deleted), as
+    PostgreSQL's statistics have them: a backend reports its counts at latest
+    when it ends, so read this after the servers have stopped."""
+    with psycopg.connect(superuser_url) as conn:
+        return conn.execute(MESSAGE_WRITES).fetchone()[0]

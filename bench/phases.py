@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench import search as search_data
-from bench.measure import ConnectionWatcher, Cpu, Peak, rss_mb
+from bench.lifecycle import LIFECYCLE_CHUNKS, LIFECYCLE_INTERVAL_S, lifecycle
+from bench.measure import ConnectionWatcher, Cpu, Peak, message_writes, rss_mb
 from bench.settings import (
     BASELINE,
     BASELINE_ASSISTANT,
+    BASELINE_DATABASE,
+    BASELINE_PREFIX,
     CONCURRENCIES,
     HEALTHZ_PROBES,
     IN_FLIGHT,
     IN_FLIGHT_ASSISTANT_S,
     NORLS_DATABASE,
+    OVERLOAD_CLIENTS,
     RLS_CONCURRENCY,
     RLS_ROUNDS,
     ROOT,
@@ -35,6 +40,7 @@ from bench.settings import (
     STREAM_INTERVAL_S,
     TRICKLING_CLIENTS,
     log,
+    runtime_of,
 )
 from bench.tools import (
     CHAT_REQUEST,
@@ -68,6 +74,29 @@ class Bench:
     @property
     def superuser_url(self) -> str:
         return self.cluster.url(SUPERUSER, DATABASE)
+
+
+def baseline_tree(work: Path) -> Path:
+    """The BENCH_BASELINE revision checked out once in the bench's directory (removed with it)."""
+    tree = work / "baseline-tree"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BASELINE], check=True,
+                       capture_output=True)
+    return tree
+
+
+def baseline_args(bench: Bench) -> dict:
+    """How a server runs the BENCH_BASELINE revision's app: from its checkout, on
+    the database its own migrations made (BASELINE_DATABASE, seeded alike)."""
+    tree = baseline_tree(bench.work)
+    return {"root": tree, "PYTHONPATH": str(tree), "DATABASE_URL": bench.cluster.url(APP_ROLE, BASELINE_DATABASE)}
+
+
+def runtime_args(bench: Bench, runtime: str) -> dict:
+    """The environment (and the app's root) of a runtime phase's server."""
+    if not runtime.startswith(BASELINE_PREFIX):
+        return dict(RUNTIMES[runtime])
+    return {**baseline_args(bench), **RUNTIMES[runtime_of(runtime)]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -161,22 +190,15 @@ def baseline(bench: Bench, revision: str) -> dict:
     same database and runtime, measured in turns (A B A B A B) at 16 clients;
     with each server's CPU per turn over its own runs."""
     log(f"baseline: {revision} against the working tree, {BASELINE_ASSISTANT} assistant")
-    tree = bench.work / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision], check=True,
-                   capture_output=True)
     cpu = {"before": Cpu(bench.cluster), "after": Cpu(bench.cluster)}
-    try:
-        with ExitStack() as stack:
-            env = dict(SAME_RUNTIME)
-            if BASELINE_ASSISTANT == "openai":
-                _, base_url = stack.enter_context(slow_upstream(0.0))
-                env.update(openai_env(base_url))
-            before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", root=tree,
-                                                  PYTHONPATH=str(tree), **env))
-            after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
-            runs = alternate(bench, {"before": before, "after": after}, cpu, 16)
-    finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    with ExitStack() as stack:
+        env = dict(SAME_RUNTIME)
+        if BASELINE_ASSISTANT == "openai":
+            _, base_url = stack.enter_context(slow_upstream(0.0))
+            env.update(openai_env(base_url))
+        before = stack.enter_context(gunicorn(bench.app_url, bench.work, "baseline", **baseline_args(bench), **env))
+        after = stack.enter_context(gunicorn(bench.app_url, bench.work, "current", **env))
+        runs = alternate(bench, {"before": before, "after": after}, cpu, 16)
     result = {"revision": revision, "cpu": {}}
     for name in ("before", "after"):
         turns = sum(run["requests"] for run in runs[name])
@@ -191,7 +213,7 @@ def slow(bench: Bench, runtime: str) -> dict:
     """wrk keeps SLOW_CLIENTS turns in flight against an assistant answering after SLOW_ASSISTANT_S."""
     cpu = Cpu(bench.cluster)
     with slow_upstream(SLOW_ASSISTANT_S) as (upstream, base_url), \
-            gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            gunicorn(bench.app_url, bench.work, f"slow-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
         warmup(bench, server, f"warmup-slow-{runtime}")
         with ConnectionWatcher(bench.superuser_url) as watcher, cpu.measure(servers=[server], upstreams=[upstream]):
@@ -209,16 +231,19 @@ def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args
     the most memory of all gunicorn processes seen meanwhile."""
     cpu = Cpu(bench.cluster)
     targets = bench.targets[:IN_FLIGHT]
+    written = message_writes(bench.superuser_url)
     with slow_upstream(**upstream_args) as (upstream, base_url), \
-            gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **RUNTIMES[runtime], **openai_env(base_url)) \
+            gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
         load(bench.work, f"warmup-{name}", turns_spec(server, targets, 32, 0, stream))
         with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
                 cpu.measure(servers=[server], upstreams=[upstream]):
             run = load(bench.work, f"{name}-{runtime}",
                        turns_spec(server, targets, IN_FLIGHT, max(SECONDS, 10), stream))
+    time.sleep(1.0)  # the servers' backends have ended: their statistics are in
     run.update(max_db_connections=watcher.max_open, max_active_db_connections=watcher.max_active,
-               max_rss_mb=round(memory.peak, 1), cpu=cpu.report())
+               max_rss_mb=round(memory.peak, 1), cpu=cpu.report(),
+               message_writes_per_turn=round((message_writes(bench.superuser_url) - written) / max(1, run["ok"]), 2))
     log(f"{name} [{runtime}]: {run['per_s']:.0f} turns/s, p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms"
         + (f", first delta p99 {run['first_delta_p99_ms']} ms" if stream else "")
         + f", {run['max_db_connections']} connections, {run['max_rss_mb']:.0f} MB"
@@ -237,11 +262,45 @@ def stream(bench: Bench, runtime: str) -> dict:
     return in_flight(bench, runtime, "stream", True, {"chunks": STREAM_CHUNKS, "interval_s": STREAM_INTERVAL_S})
 
 
+def overload(bench: Bench, runtime: str) -> dict:
+    """OVERLOAD_CLIENTS blocking turns against one instance, three times what it
+    must hold, with an assistant answering after IN_FLIGHT_ASSISTANT_S: each is
+    answered, or refused (503 server_busy, Retry-After) and posted again after
+    that wait. The server's log says how many turns failed after their user
+    message was stored ("chat turn unanswered"): the goal is none."""
+    cpu = Cpu(bench.cluster)
+    with slow_upstream(delay_s=IN_FLIGHT_ASSISTANT_S) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, f"overload-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
+            as server:
+        load(bench.work, "warmup-overload", turns_spec(server, bench.targets, 32, 0))
+        with ConnectionWatcher(bench.superuser_url) as watcher, Peak(lambda: rss_mb(server), 0.2) as memory, \
+                cpu.measure(servers=[server], upstreams=[upstream]):
+            spec = {**turns_spec(server, bench.targets, OVERLOAD_CLIENTS, max(SECONDS, 10)), "mode": "overload"}
+            run = load(bench.work, f"overload-{runtime}", spec)
+        unanswered = server.output().count("chat turn unanswered")
+    run.update(unanswered_after_begin=unanswered, max_db_connections=watcher.max_open,
+               max_rss_mb=round(memory.peak, 1), cpu=cpu.report())
+    log(f"overload [{runtime}]: {run['per_s']:.0f} turns/s (p99 {run['p99_ms']} ms), refused {run['refused']} "
+        f"(p99 {run['refused_p99_ms']} ms), failed {run['requests'] - run['ok']} {run['failed_codes']}, "
+        f"unanswered after begin {unanswered}, /healthz p99 {run['healthz_p99_ms']} ms (max {run['healthz_max_ms']})")
+    return run
+
+
+def lifecycle_phase(bench: Bench) -> dict:
+    """Stops and the stored text's lag (bench/lifecycle.py), on the default runtime."""
+    cpu = Cpu(bench.cluster)
+    with slow_upstream(delay_s=0.0, chunks=LIFECYCLE_CHUNKS, interval_s=LIFECYCLE_INTERVAL_S) as (upstream, base_url), \
+            gunicorn(bench.app_url, bench.work, "lifecycle", **openai_env(base_url)) as server, \
+            cpu.measure(servers=[server], upstreams=[upstream]):
+        found = lifecycle(server.url)
+    return {**found, "cpu": cpu.report()}
+
+
 def slowclients(bench: Bench, runtime: str) -> dict:
     """TRICKLING_CLIENTS connections send a turn's body byte by byte while
     HEALTHZ_PROBES GETs of /healthz, one after another, time the server."""
     cpu = Cpu(bench.cluster)
-    with gunicorn(bench.app_url, bench.work, f"slowclients-{runtime}", **RUNTIMES[runtime]) as server, \
+    with gunicorn(bench.app_url, bench.work, f"slowclients-{runtime}", **runtime_args(bench, runtime)) as server, \
             cpu.measure(servers=[server]):
         spec = {**turns_spec(server, bench.targets[:TRICKLING_CLIENTS], TRICKLING_CLIENTS, 0), "mode": "trickle",
                 "trickle_s": max(SECONDS, 8), "probes": HEALTHZ_PROBES}
@@ -317,7 +376,7 @@ def best_concurrency(app_result: dict | None) -> int:
     return max(app_result["runs"], key=lambda run: run["per_s"])["connections"]
 
 
-RUNTIME_PHASES = ("slow", "inflight", "stream", "slowclients")
+RUNTIME_PHASES = ("slow", "inflight", "stream", "overload", "slowclients")
 # Every phase in the order they run, with what each is given.
 PHASES = {
     "ceiling": lambda bench, done, runtime: ceiling(bench),
@@ -328,6 +387,8 @@ PHASES = {
     "slow": lambda bench, done, runtime: slow(bench, runtime),
     "inflight": lambda bench, done, runtime: inflight(bench, runtime),
     "stream": lambda bench, done, runtime: stream(bench, runtime),
+    "overload": lambda bench, done, runtime: overload(bench, runtime),
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
+    "lifecycle": lambda bench, done, runtime: lifecycle_phase(bench),
     "search": lambda bench, done, runtime: search(bench),
 }

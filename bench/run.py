@@ -14,10 +14,13 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   history      turn latency in conversations of 10 and of 10,000 messages
   rls          pgbench, then the app at a given concurrency, against a copy whose policies admit every row
   baseline     with BENCH_BASELINE=<git revision>: the app at that revision against the working tree
-               (builtin assistant; BENCH_BASELINE_ASSISTANT=openai: against a local server answering at once)
+               (builtin assistant; BENCH_BASELINE_ASSISTANT=openai: against a local server answering at once);
+               with it, a runtime `base:gevent` in BENCH_RUNTIMES runs the phases marked * on that revision too
   slow *       ASSISTANT=openai against a local server answering after 1.0 s, 200 clients (wrk)
   inflight *   1,000 blocking turns in flight against a server answering after 5 s
   stream *     1,000 streaming turns in flight against a server streaming 20 chunks 0.25 s apart
+  overload *   3,000 blocking turns against one instance (3x what it holds); refused ones retry after Retry-After
+  lifecycle    100 streamed replies stopped from the API: stop latency, and how far the stored text lags
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
   search       in a database of its own (200 users x 2,000 conversations x 20 messages; smaller with
                BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plan,
@@ -48,24 +51,28 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.measure import Cpu
-from bench.phases import PHASES, RUNTIME_PHASES, Bench
+from bench.phases import PHASES, RUNTIME_PHASES, Bench, baseline_tree
 from bench.settings import (
     BASELINE,
+    BASELINE_PREFIX,
     IN_FLIGHT,
     IN_FLIGHT_ASSISTANT_S,
     RESULTS,
+    ROOT,
     RUNTIME_NAMES,
     RUNTIMES,
     SECONDS,
     STREAM_CHUNKS,
     STREAM_INTERVAL_S,
     log,
+    runtime_of,
 )
 from bench.tools import all_targets, prepare
 from devtools.cluster import Cluster
@@ -143,8 +150,19 @@ def summarize(results: dict) -> dict:
                 for figure in figures:
                     summary[f"{prefix}{name}_{figure}"] = found[figure]
                 summary[f"{prefix}{name}_server_cpu_ms_per_turn"] = server_cpu_ms_per_turn(found)
+        if (found := results.get(key("overload", runtime))) is not None:
+            for figure in ("per_s", "p99_ms", "refused", "refused_p99_ms", "unanswered_after_begin",
+                           "healthz_p99_ms", "healthz_max_ms", "max_db_connections", "max_rss_mb"):
+                summary[f"{prefix}overload_{figure}"] = found[figure]
+            summary[f"{prefix}overload_failed"] = failures(found)
+        for name in ("inflight", "stream"):
+            if (found := results.get(key(name, runtime))) is not None:
+                summary[f"{prefix}{name}_message_writes_per_turn"] = found["message_writes_per_turn"]
         if (found := results.get(key("slowclients", runtime))) is not None:
             summary[prefix + "slowclients_healthz_ms"] = found["healthz_max_ms"]
+    if (found := results.get("lifecycle")) is not None:
+        for figure in ("stops", "not_aborted", "stop_p50_ms", "stop_p99_ms", "lag_p50_ms", "lag_p99_ms", "lag_max_ms"):
+            summary[f"lifecycle_{figure}"] = found[figure]
     if "search" in results:
         summary.update(search_summary(results["search"]))
     return summary
@@ -235,7 +253,9 @@ def raise_open_files_limit() -> None:
 
 def main() -> int:
     phases = selected_phases()
-    unknown = set(RUNTIME_NAMES) - set(RUNTIMES)
+    if any(name.startswith(BASELINE_PREFIX) for name in RUNTIME_NAMES) and not BASELINE:
+        raise SystemExit(f"BENCH_RUNTIMES names a {BASELINE_PREFIX} runtime: it needs BENCH_BASELINE=<git revision>")
+    unknown = {runtime_of(name) for name in RUNTIME_NAMES} - set(RUNTIMES)
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(RUNTIMES)})")
@@ -251,9 +271,11 @@ def main() -> int:
     cluster.start()
     results: dict = {"seconds": SECONDS, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                     "runtimes": {name: RUNTIMES[name] for name in RUNTIME_NAMES}}
+                     "runtimes": {name: RUNTIMES[runtime_of(name)] for name in RUNTIME_NAMES}}
     try:
-        bench = Bench(cluster, work, all_targets(), prepare(cluster, norls="rls" in phases))
+        baseline = "baseline" in phases or any(name.startswith(BASELINE_PREFIX) for name in RUNTIME_NAMES)
+        bench = Bench(cluster, work, all_targets(),
+                      prepare(cluster, norls="rls" in phases, baseline_tree=baseline_tree(work) if baseline else None))
         for name in phases:
             for runtime in RUNTIME_NAMES if name in RUNTIME_PHASES else RUNTIME_NAMES[:1]:
                 log(f"phase {name}" + (f" [{runtime}]" if name in RUNTIME_PHASES else ""))
@@ -278,6 +300,9 @@ def main() -> int:
         logs.mkdir(parents=True)
         for path in work.glob("gunicorn-*.log"):
             shutil.copy(path, logs)
+        if (work / "baseline-tree").exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline-tree")],
+                           capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -21,6 +21,7 @@ SLOW_CLIENTS = 200
 SLOW_ASSISTANT_S = 1.0
 IN_FLIGHT = 1000
 IN_FLIGHT_ASSISTANT_S = 5.0
+OVERLOAD_CLIENTS = 3000  # three times the turns in flight one instance must hold
 STREAM_CHUNKS = 20
 STREAM_INTERVAL_S = 0.25
 TRICKLING_CLIENTS = 300
@@ -37,6 +38,13 @@ RUNTIMES = {
     "gthread64": {"GUNICORN_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "64"},  # the runtime before gevent
 }
 RUNTIME_NAMES = os.environ.get("BENCH_RUNTIMES", "gevent,gthread").split(",")
+# A runtime named `base:<runtime>` runs the BENCH_BASELINE revision's app (a worktree in the bench's
+# directory) under <runtime>: the runtime phases then compare before and after in one run.
+BASELINE_PREFIX = "base:"
+
+
+def runtime_of(name: str) -> str:
+    return name.removeprefix(BASELINE_PREFIX)
 # The baseline pins its runtime on gunicorn's command line, which any revision's
 # gunicorn.conf.py obeys: gthread, the runtime of revisions before gevent (whose
 # master imported psycopg before a gevent worker could patch it).
@@ -45,6 +53,7 @@ SAME_RUNTIME = {"WEB_CONCURRENCY": "4", "DATABASE_POOL_SIZE": "2",
 SECRET = "bench-secret-" + uuid.uuid4().hex * 2
 RESULTS = ROOT / "bench" / "results"
 NORLS_DATABASE = "chat_norls"
+BASELINE_DATABASE = "chat_base"  # migrated and served by the BENCH_BASELINE revision
 # The search phase's own database: SEARCH_USERS users with SEARCH_CONVERSATIONS
 # conversations of SEARCH_MESSAGES messages each (BENCH_SEARCH_USERS and
 # BENCH_SEARCH_CONVERSATIONS make a quick run smaller), of 20 words drawn from

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 
 from bench.settings import (
+    BASELINE_DATABASE,
     CONVERSATIONS,
     HISTORY_CONVERSATIONS,
     LONG_HISTORY,
@@ -106,16 +107,20 @@ def disable_policies(owner_url: str) -> None:
             conn.execute(f"ALTER POLICY {table}_isolation ON {table} USING (true) WITH CHECK (true)")
 
 
-def prepare(cluster: Cluster, norls: bool) -> dict:
+def prepare(cluster: Cluster, norls: bool, baseline_tree: Path | None = None) -> dict:
     """Roles, the database (and, with `norls`, the rls phase's copy whose policies
-    admit every row), migrations, seed data; returns the history phase's conversations."""
+    admit every row; with `baseline_tree`, a database migrated by that checkout's
+    own migrations, BASELINE_DATABASE, for its app), migrations, seed data;
+    returns the history phase's conversations."""
     cluster.bootstrap()
-    databases = [DATABASE, *([NORLS_DATABASE] if norls else [])]
-    if norls:
-        with psycopg.connect(cluster.url(SUPERUSER, "postgres"), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {NORLS_DATABASE} OWNER {OWNER_ROLE}")
+    databases = [DATABASE, *([NORLS_DATABASE] if norls else []), *([BASELINE_DATABASE] if baseline_tree else [])]
+    with psycopg.connect(cluster.url(SUPERUSER, "postgres"), autocommit=True) as conn:
+        for database in databases[1:]:
+            conn.execute(f"CREATE DATABASE {database} OWNER {OWNER_ROLE}")
     for database in databases:
-        migrate(cluster, {**os.environ, "BETTER_AUTH_SECRET": SECRET}, database=database, quiet=True)
+        root = baseline_tree if database == BASELINE_DATABASE else ROOT
+        migrate(cluster, {**os.environ, "BETTER_AUTH_SECRET": SECRET, "PYTHONPATH": str(root)}, database=database,
+                quiet=True, root=root)
         with psycopg.connect(cluster.url(OWNER_ROLE, database), autocommit=True) as conn:
             # Bench only: pgbench reads currval() of the message ids (see pgbench_script).
             conn.execute(f"GRANT SELECT ON SEQUENCE message_id_seq TO {APP_ROLE}")
@@ -123,7 +128,7 @@ def prepare(cluster: Cluster, norls: bool) -> dict:
         disable_policies(cluster.url(OWNER_ROLE, NORLS_DATABASE))
     log("seeding")
     histories = {}
-    for database in databases:  # the same data in both: only the policies differ
+    for database in databases:  # the same data in each: only the policies (or the app's revision) differ
         histories = seed(cluster.url(SUPERUSER, database))
     return histories
 
@@ -143,11 +148,19 @@ def pgbench_script(conversations: int = CONVERSATIONS, users: int = USERS, conte
         "key": "NULL::text",
         "limit": "50",
         "tool_calls": "'[]'::jsonb",
-        "reply_to": "currval(pg_get_serial_sequence('message', 'id'))",
+        # The reply-to-be is the last message this connection inserted.
+        "reply_id": "currval(pg_get_serial_sequence('message', 'id'))",
+        "user_ui_id": "'msg-' || md5(random()::text)",
+        "reply_ui_id": "'msg-' || md5(random()::text)",
+        "stale_after": "interval '60 seconds'",
         "response": "'{\"assistant_message_id\": null}'::jsonb",
         "model": "'builtin'",
         "finish_reason": "'stop'",
         "usage": "NULL::jsonb",
+        # The write-limit step the app takes in the same statement, at 6,000/minute so that
+        # pgbench's 10+ turns/s per user are all admitted, as the app's are
+        "interval": "interval '0.01 seconds'",
+        "period": "interval '60 seconds'",
     }
 
     def statement(sql: str) -> str:
@@ -166,7 +179,7 @@ def pgbench_script(conversations: int = CONVERSATIONS, users: int = USERS, conte
         "BEGIN;", bind, store + ";", statement(turn_sql.LATEST_WINDOW) + ";", "COMMIT;",
         "\\endpipeline",
         "\\startpipeline",
-        "BEGIN;", bind, statement(turn_sql.STORE_REPLY) + ";", "COMMIT;",
+        "BEGIN;", bind, statement(turn_sql.FINISH_REPLY) + ";", "COMMIT;",
         "\\endpipeline",
     ]) + "\n"
 

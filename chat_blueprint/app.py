@@ -16,7 +16,7 @@ from .db import pool, tenancy
 from .db.extensions import db, migrate
 from .db.isolation import IsolationWatch
 from .errors import register_error_handlers
-from .runtime import body_guard, cors, metrics, request_log
+from .runtime import body_guard, cooperative, cors, metrics, request_log
 
 # Package data (setup.cfg), so an installed wheel migrates as a checkout does;
 # the revisions read their policies from the package's policies/.
@@ -61,6 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 
 def _bind_database(app: Flask, settings: Settings) -> None:
+    cooperative.install()  # psycopg's waits under a gevent worker
     app.config.update(SQLALCHEMY_DATABASE_URI=settings.database_url, SQLALCHEMY_ENGINE_OPTIONS=_engine_options(settings))
     db.init_app(app)
     tenancy.install()

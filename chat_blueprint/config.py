@@ -26,6 +26,8 @@ DEFAULT_POOL_SIZE = 5
 DEFAULT_POOL_TIMEOUT_S = 10.0
 DEFAULT_IDEMPOTENCY_TTL_S = 86_400
 DEFAULT_STREAM_KEEPALIVE_S = 15.0  # also the most a stream may go without one
+DEFAULT_STREAM_FLUSH_S = 1.0
+STREAM_FLUSH_RANGE_S = (0.1, 10.0)
 DEFAULT_ISOLATION_CHECK_INTERVAL_S = 60.0
 DEFAULT_WRITE_RATE_LIMIT = (600, 60)
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
@@ -63,6 +65,7 @@ class Settings:
     chat_rate_limit: tuple[int, int] | None  # (turns, period in seconds), shared by every instance
     write_rate_limit: tuple[int, int] | None  # (writes, period in seconds); None: off
     stream_keepalive_s: float
+    stream_flush_s: float  # how far a produced reply's stored content may lag, and how soon a stop is seen
     isolation_check_interval_s: float
     cors_origins: tuple[str, ...] | None  # ("*",) for every origin
     statement_timeout_s: float
@@ -276,6 +279,7 @@ def load_settings(env=None, *, require_database: bool = True) -> Settings:
         chat_rate_limit=_rate(env, "CHAT_RATE_LIMIT"),
         write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", DEFAULT_WRITE_RATE_LIMIT),
         stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", DEFAULT_STREAM_KEEPALIVE_S),
+        stream_flush_s=_float(env, "CHAT_STREAM_FLUSH_S", DEFAULT_STREAM_FLUSH_S),
         isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", DEFAULT_ISOLATION_CHECK_INTERVAL_S),
         cors_origins=_origins(env, "CORS_ORIGINS"),
         statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_STATEMENT_TIMEOUT_S),
@@ -287,6 +291,10 @@ def load_settings(env=None, *, require_database: bool = True) -> Settings:
     if settings.stream_keepalive_s > DEFAULT_STREAM_KEEPALIVE_S:
         raise ConfigError(f"CHAT_STREAM_KEEPALIVE_S must be at most {DEFAULT_STREAM_KEEPALIVE_S:g} "
                           "(seconds between keep-alives of a stream)")
+    low, high = STREAM_FLUSH_RANGE_S
+    if not low <= settings.stream_flush_s <= high:
+        raise ConfigError(f"CHAT_STREAM_FLUSH_S must be between {low:g} and {high:g} seconds, "
+                          f"got {settings.stream_flush_s:g}")
     if settings.assistant == "openai":
         if not settings.assistant_base_url:
             raise ConfigError("ASSISTANT_BASE_URL is not set (required when ASSISTANT=openai)")

@@ -9,8 +9,9 @@ from datetime import timezone
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validate, validates_schema
 from marshmallow.utils import get_value
 
-from .config import DEFAULT_MESSAGE_MAX_CHARS
 from .db.models import FEEDBACK_COMMENT_MAX_CHARS, RATINGS
+
+REPLY_STATUSES = ("streaming", "complete", "stopped", "interrupted")
 
 TASK_STATUSES = ("all", "pending", "completed")
 ORDERS = ("asc", "desc")
@@ -127,17 +128,6 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-class ChatRequestSchema(StrictSchema):
-    message = Text(required=True, allow_blank=False)
-    conversation_id = fields.UUID(load_default=None, allow_none=True)
-    stream = StrictBoolean(load_default=False, metadata={
-        "description": "answer as an AI SDK UI message stream (text/event-stream) instead of JSON"})
-
-    def __init__(self, *args, max_chars: int = DEFAULT_MESSAGE_MAX_CHARS, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fields["message"].validators = [validate.Length(min=1, max=max_chars)]
-
-
 class ToolCallSchema(Schema):
     id = fields.String(required=True)
     name = fields.String(required=True)
@@ -157,14 +147,6 @@ class ModelReportSchema(Schema):
     finish_reason = fields.String(required=True, allow_none=True, metadata={
         "description": "why the model stopped: stop, length (cut off: not complete), tool_calls, content_filter"})
     usage = fields.Nested(UsageSchema, required=True, allow_none=True)
-
-
-class ChatResponseSchema(ModelReportSchema):
-    conversation_id = fields.UUID(required=True)
-    response = fields.String(required=True)
-    tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
-    user_message_id = fields.Integer(required=True)
-    assistant_message_id = fields.Integer(required=True)
 
 
 class ConversationSchema(Schema):
@@ -224,11 +206,16 @@ class FeedbackRequestSchema(StrictSchema):
 
 class MessageSchema(ModelReportSchema):
     id = fields.Integer(required=True)
+    ui_id = fields.String(required=True, metadata={"description": "the id a chat UI keys the message by"})
     role = fields.String(required=True, validate=validate.OneOf(("user", "assistant")))
+    status = fields.String(required=True, attribute="current_status", validate=validate.OneOf(REPLY_STATUSES),
+                           metadata={"description": "a reply: streaming (content: the text so far), complete, "
+                                                    "stopped or interrupted; a user message: complete"})
     content = fields.String(required=True)
     tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
     reply_to = fields.Integer(required=True, allow_none=True)
     created_at = UtcDateTime(required=True)
+    superseded_at = UtcDateTime(required=True, allow_none=True)
     feedback = Feedback(FeedbackSchema, required=True, allow_none=True,
                         metadata={"description": "the user's rating of an assistant message; null when none"})
 
@@ -271,6 +258,10 @@ class MessagePageQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
     cursor = _cursor()
     order = fields.String(load_default="asc", validate=validate.OneOf(ORDERS))
+    include = fields.String(load_default=None, validate=validate.OneOf(("superseded",)),
+                            metadata={"description": "superseded: also the messages a newer one replaced"})
+    format = fields.String(load_default=None, validate=validate.OneOf(("ui",)),
+                           metadata={"description": "ui: the AI SDK's UIMessages, for useChat({ messages })"})
 
 
 # The user's data

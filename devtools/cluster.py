@@ -167,12 +167,13 @@ class Cluster:
                     sql.Identifier(DATABASE), sql.Identifier(OWNER_ROLE)))
 
 
-def migrate(cluster: Cluster, env: dict, *, database: str = DATABASE, quiet: bool = False) -> None:
+def migrate(cluster: Cluster, env: dict, *, database: str = DATABASE, quiet: bool = False, root: Path = ROOT) -> None:
     """`flask db upgrade` of `database` as the owner, exactly as in production;
-    `quiet` discards its output (the benchmark's). A setting the app refuses
-    is a SettingError, in one line, before the command runs."""
+    `quiet` discards its output (the benchmark's); `root` is the checkout whose
+    app migrates (the benchmark's baseline is another). A setting the app
+    refuses is a SettingError, in one line, before the command runs."""
     env = {**env, "DATABASE_URL": cluster.url(OWNER_ROLE, database), "APP_DB_ROLE": APP_ROLE}
     check_app_settings(env)
     output = subprocess.DEVNULL if quiet else None
-    subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"], check=True, cwd=ROOT, env=env,
+    subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"], check=True, cwd=root, env=env,
                    stdout=output, stderr=output)

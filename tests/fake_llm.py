@@ -26,9 +26,11 @@ hung up.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -204,6 +206,7 @@ class FakeChatCompletions:
         self.default = default or echo()
         self.delay = delay_s
         self.requests: list[RecordedRequest] = []
+        self.hangups: list[float] = []  # when a client closed a call before its answer was all sent
         self.streamed_bytes: list[int] = []
         self._queue: deque[Answer] = deque()
         self._lock = threading.Lock()
@@ -310,10 +313,22 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 return
             answer = fake._take(request)
             pause = answer.delay_s + fake.delay
-            if pause and fake._closing.wait(pause):
+            if pause and self._wait(pause):
                 self.close_connection = True
                 return
             self._send(answer, request)
+
+        def _wait(self, seconds: float) -> bool:
+            """Pause; True (stop answering) when the server closes or the client hangs up meanwhile."""
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                if fake._closing.is_set():
+                    return True
+                if select.select([self.connection], [], [], min(left, 0.05))[0] and not self.connection.recv(
+                        1, socket.MSG_PEEK):
+                    fake.hangups.append(time.monotonic())
+                    return True
+            return False
 
         def _send(self, answer: Answer, request: RecordedRequest) -> None:
             if answer.events is not None:
@@ -351,7 +366,7 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 for number, data in enumerate(answer.events):
-                    if number and answer.interval_s and fake._closing.wait(answer.interval_s):
+                    if number and answer.interval_s and self._wait(answer.interval_s):
                         break
                     if answer.cut_after is not None and number >= answer.cut_after:
                         self.connection.shutdown(socket.SHUT_RDWR)
@@ -365,7 +380,7 @@ def _handler_for(fake: FakeChatCompletions) -> type[BaseHTTPRequestHandler]:
                 else:
                     self.wfile.write(b"0\r\n\r\n")
             except OSError:
-                pass
+                fake.hangups.append(time.monotonic())
             with fake._lock:
                 fake.streamed_bytes.append(sent)
             self.close_connection = True

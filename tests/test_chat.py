@@ -70,7 +70,7 @@ def test_new_conversation_stores_both_messages(client, alice, app_url):
     assert response.status_code == 200
     answer = response.get_json()
     assert set(answer) == {"conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id",
-                           "model", "finish_reason", "usage"}
+                           "model", "finish_reason", "usage", "status"}
     assert (answer["model"], answer["finish_reason"], answer["usage"]) == ("builtin", "stop", None)
     assert "turn 1" in answer["response"] and answer["tool_calls"] == []
     rows = stored_messages(app_url, alice.id, answer["conversation_id"])
@@ -167,13 +167,15 @@ def test_a_turn_runs_a_constant_number_of_statements(client, alice, app_url, mon
         counts.append(len(sent))
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "new conversation").status_code == 200
-    # Each count includes the 4 statements of the WRITE_RATE_LIMIT step (bind,
-    # no flush wait, step, its Retry-After), sent in one round trip of their own.
-    assert counts[0] == counts[1] == counts[2] == 4 + 5, counts
-    assert len(sent) == 4 + 4
+    # The WRITE_RATE_LIMIT step is part of the statement that stores the user
+    # message: bind, store, window (one round trip), bind, store the reply (one).
+    assert counts[0] == counts[1] == counts[2] == 5, counts
+    assert len(sent) == 4
     with counting_statements(monkeypatch) as sent:
         assert chat(client, alice, "with a key", short, key="count-key").status_code == 200
-    assert len(sent) == 4 + 6
+    # With a key the step goes out with the binding (bind, step, its Retry-After),
+    # then the claim, the message and its window; then bind and the reply.
+    assert len(sent) == 3 + 5, sent
 
 
 @pytest.mark.parametrize("method, suffix, body", [
@@ -502,4 +504,4 @@ def test_a_replayed_answer_has_its_keys_in_the_order_of_the_first(client, alice)
     assert again.get_json() == first.get_json()
     assert list(again.get_json()) == list(first.get_json()) == [
         "conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
-        "finish_reason", "usage"]
+        "finish_reason", "usage", "status"]

@@ -170,8 +170,8 @@ def audit(superuser_url: str, user_ids: list[str]) -> Audit:
                 result.answers[message_id] = (conversation_id, content, reply_to)
         result.counter_mismatches = conn.execute(
             "select c.id, c.message_count, c.turn_count, count(m.id), count(m.id) filter (where m.role = 'user')"
-            " from conversation c left join message m on m.conversation_id = c.id"
-            " where c.user_id = any(%s) group by c.id"
+            " from conversation c left join message m on m.user_id = c.user_id and m.conversation_id = c.id"
+            " where c.user_id = any(%s) group by c.user_id, c.id"
             " having c.message_count <> count(m.id) or c.turn_count <> count(m.id) filter (where m.role = 'user')",
             (user_ids,)).fetchall()
     return result

@@ -60,9 +60,12 @@ def test_upgrade_downgrade_upgrade_round_trip():
                                ("prune_write_rate_limits", True, owner_only),
                                ("search_hits", True, owner_and_app),
                                ("search_text", False, None)]
-        # Table-wide UPDATE on message is never granted: only the feedback columns.
+        # Table-wide UPDATE on message is never granted: only the feedback columns, and those a reply's
+        # progress, end and supersession change.
         assert [row for row in upgraded[4] if row[0] == "message"] == [
-            ("message", column, "UPDATE") for column in ("feedback_comment", "feedback_rating", "feedback_updated_at")]
+            ("message", column, "UPDATE") for column in (
+                "content", "feedback_comment", "feedback_rating", "feedback_updated_at", "finish_reason", "model",
+                "stale_at", "status", "superseded_at", "tool_calls", "usage")]
         flask_db(cluster, "downgrade", "base")
         assert isolation_state(cluster) == [[], [], [], [], []]
         flask_db(cluster, "upgrade")
@@ -98,3 +101,32 @@ def test_models_and_migrations_agree(owner_url):
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_a_database_with_conversations_upgrades_in_place():
+    """The lifecycle revision (0009) fills the new columns of existing rows under
+    forced row-level security (the owner sees no row unless it lifts FORCE for the
+    backfill), the per-user keys (0010) take the rows as they are, and every message
+    stays readable to its user, `complete`."""
+    with throwaway_cluster("chat-test-pg-upgrade-") as cluster:
+        flask_db(cluster, "downgrade", "0008_search_and_feedback")
+        with psycopg.connect(cluster.url(APP_ROLE)) as conn:
+            conn.execute("select set_config('app.user_id', 'old-user', false)")
+            conversation_id = conn.execute("insert into conversation (user_id, title, message_count, turn_count)"
+                                           " values ('old-user', 'before', 2, 1) returning id").fetchone()[0]
+            asked = conn.execute("insert into message (conversation_id, user_id, role, content, turn)"
+                                 " values (%s, 'old-user', 'user', 'question', 1) returning id",
+                                 (conversation_id,)).fetchone()[0]
+            conn.execute("insert into message (conversation_id, user_id, role, content, reply_to)"
+                         " values (%s, 'old-user', 'assistant', 'answer', %s)", (conversation_id, asked))
+            conn.commit()
+        flask_db(cluster, "upgrade")
+        with psycopg.connect(cluster.url(APP_ROLE)) as conn:
+            conn.execute("select set_config('app.user_id', 'old-user', false)")
+            rows = conn.execute("select content, ui_id, status, superseded_at from message order by id").fetchall()
+        assert [row[0] for row in rows] == ["question", "answer"]
+        assert all(row[1].startswith("msg-") and row[2] == "complete" and row[3] is None for row in rows)
+        assert rows[0][1] != rows[1][1]
+        with psycopg.connect(cluster.url(OWNER_ROLE)) as conn:
+            forced = conn.execute("select relforcerowsecurity from pg_class where relname = 'message'").fetchone()
+        assert forced == (True,)

@@ -183,3 +183,25 @@ def test_off_disables_the_write_limit(app_url):
             assert [client.post(f"/api/{user.id}/tasks", json={"title": "x"},
                                 headers=user.headers).status_code for _ in range(3)] == expected
         user = make_user()
+
+
+@pytest.mark.parametrize("key", [None, "over-the-limit"])
+def test_a_chat_turn_over_the_write_limit_stores_nothing(app_url, key):
+    """The write's step is part of the statement that stores the message (or,
+    with a key, goes out with the binding): refused, it stores nothing, in a
+    new conversation or an existing one."""
+    user = make_user()
+    with built_app(app_url, WRITE_RATE_LIMIT="2/minute") as app:
+        client = app.test_client()
+        first = client.post(f"/api/{user.id}/chat", json={"message": "one"}, headers=user.headers)
+        conversation_id = first.get_json()["conversation_id"]
+        assert client.post(f"/api/{user.id}/chat", json={"message": "two", "conversation_id": conversation_id},
+                           headers=user.headers).status_code == 200
+        headers = {**user.headers, **({"Idempotency-Key": key} if key else {})}
+        for body in ({"message": "three", "conversation_id": conversation_id}, {"message": "elsewhere"}):
+            refused = client.post(f"/api/{user.id}/chat", json=body, headers=headers)
+            assert refused.status_code == 429, refused.get_json()
+            assert "writes" in refused.get_json()["error"]["message"] and int(refused.headers["Retry-After"]) >= 1
+    assert stored_messages(app_url, user.id) == 4
+    with connect(app_url, user.id) as conn:
+        assert conn.execute("select count(*) from conversation").fetchone()[0] == 1

@@ -196,3 +196,52 @@ def test_a_token_of_nearly_16_kib_passes_the_balancer(deployment):
     answer = requests.get(f"{deployment.url}/api/{user.id}/tasks", headers={"Authorization": f"Bearer {token}"},
                           timeout=10)
     assert answer.status_code == 200, answer.text[:300]
+
+
+def test_stop_and_resume_through_nginx_and_pgbouncer(cluster):
+    """Two instances behind the balancer and transaction pooling: a resumption
+    through nginx follows the reply, and a stop through nginx ends both streams,
+    whichever instance each request reaches."""
+    import json
+    import threading
+    import time
+
+    from fake_llm import FakeChatCompletions, streamed
+
+    pieces = [f"q{n} " for n in range(20)]
+
+    def events(response) -> list[dict]:
+        lines = response.iter_lines(chunk_size=1, decode_unicode=True)
+        return [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")]
+
+    with FakeChatCompletions(default=streamed(pieces, interval_s=0.25)) as llm, \
+            scaled_out(cluster, instances=2, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url,
+                       ASSISTANT_MODEL="fake-model", CHAT_STREAM_FLUSH_S="0.5") as stream_deployment:
+        user, url = make_user(), stream_deployment.url
+        original = requests.post(f"{url}/api/{user.id}/chat", json={"message": "via the proxy", "stream": True},
+                                 headers=user.headers, stream=True, timeout=30)
+        lines = original.iter_lines(chunk_size=1, decode_unicode=True)
+        start = json.loads(next(line for line in lines if line.startswith("data: {")).removeprefix("data: "))
+        conversation_id = start["messageMetadata"]["conversation_id"]
+        rest = []
+        reader = threading.Thread(target=lambda: rest.extend(
+            json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")))
+        reader.start()
+        time.sleep(1.5)
+        resumed = requests.get(f"{url}/api/{user.id}/chat/{conversation_id}/stream", headers=user.headers,
+                               stream=True, timeout=30)
+        assert resumed.status_code == 200
+        followed = []
+        follower = threading.Thread(target=lambda: followed.extend(events(resumed)))
+        follower.start()
+        time.sleep(1.5)
+        stopped = requests.post(f"{url}/api/{user.id}/conversations/{conversation_id}/stop", headers=user.headers,
+                                timeout=30)
+        assert stopped.status_code == 200 and stopped.json()["stopped"] is True
+        reader.join(15)
+        follower.join(15)
+    assert rest[-1]["type"] == "abort" and followed[-1]["type"] == "abort", (rest[-3:], followed[-3:])
+    assert followed[0] == start
+    sent = "".join(event["delta"] for event in rest if event["type"] == "text-delta")
+    assert "".join(event["delta"] for event in followed if event["type"] == "text-delta") == sent
+    assert sent and sent != "".join(pieces)

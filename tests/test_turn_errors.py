@@ -44,7 +44,8 @@ def key_row(app_url, user, key):
 
 def stored_messages(app_url, user):
     with connect(app_url, user.id) as conn:
-        return conn.execute("select id, role, content, tool_calls, reply_to from message order by id").fetchall()
+        return conn.execute("select id, role, content, tool_calls, reply_to from message"
+                            " where superseded_at is null order by id").fetchall()
 
 
 UNSTORABLE_TEXT = "nul \x00 here, lone \ud800 there"

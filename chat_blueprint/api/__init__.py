@@ -9,8 +9,11 @@ from .guards import BigIntConverter
 
 def register(app: Flask) -> None:
     """Every route of the API, and the `bigint` converter their paths use."""
+    from ..db import tenancy
+    from ..services import rate_limit
     from . import chat, conversations, docs, ops, tasks, user_data
 
+    tenancy.queue_with_binding(rate_limit.queue_due_write)
     app.url_map.converters["bigint"] = BigIntConverter
     for module in (ops, tasks, chat, conversations, user_data, docs):
         app.register_blueprint(module.bp)

@@ -5,6 +5,7 @@ import uuid
 
 from flask import g
 
+from ..chat_schemas import UIMessagePageSchema
 from ..db.extensions import db
 from ..schemas import (
     ConversationListQuerySchema,
@@ -25,6 +26,7 @@ bp = user_blueprint("conversations", __name__)
 conversation_schema = ConversationSchema()
 conversation_page_schema = ConversationPageSchema()
 message_page_schema = MessagePageSchema()
+ui_message_page_schema = UIMessagePageSchema()
 message_schema = MessageSchema()
 
 
@@ -51,6 +53,16 @@ def update_conversation(conversation_id: uuid.UUID):
     return conversation_schema.dump(conversations.update_conversation(db.session, g.user_id, conversation_id, changes))
 
 
+@bp.post("/conversations/<uuid:conversation_id>/stop")
+def stop(conversation_id: uuid.UUID):
+    """Stop the reply the conversation is producing, whichever instance produces
+    it: within CHAT_STREAM_FLUSH_S and a round trip its call to the assistant
+    is closed, the reply keeps the text produced so far (`stopped`), and every
+    stream of it ends with `abort`."""
+    stopped = conversations.stop(db.session, g.user_id, conversation_id)
+    return {"stopped": stopped is not None, "assistant_message_id": stopped}
+
+
 @bp.delete("/conversations/<uuid:conversation_id>")
 def delete_conversation(conversation_id: uuid.UUID):
     conversations.delete_conversation(db.session, g.user_id, conversation_id)
@@ -62,8 +74,10 @@ def list_messages(conversation_id: uuid.UUID):
     """A page of the conversation's messages, oldest first unless order=desc."""
     args = query_args(MessagePageQuerySchema())
     page, next_cursor = conversations.list_messages(db.session, g.user_id, conversation_id, args["limit"],
-                                              args["cursor"], args["order"])
-    return message_page_schema.dump({"data": page, "next_cursor": next_cursor})
+                                                    args["cursor"], args["order"],
+                                                    superseded=args["include"] == "superseded")
+    schema = ui_message_page_schema if args["format"] == "ui" else message_page_schema
+    return schema.dump({"data": page, "next_cursor": next_cursor})
 
 
 @bp.put("/conversations/<uuid:conversation_id>/messages/<bigint:message_id>/feedback")

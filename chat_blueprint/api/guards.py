@@ -9,7 +9,9 @@ one hook per concern, in this order:
    nothing (404);
 3. `isolation_in_force`: 503 while the isolation check fails (db/isolation.py);
 4. `count_write`: every POST, PUT, PATCH and DELETE counts against
-   WRITE_RATE_LIMIT (429);
+   WRITE_RATE_LIMIT (429): its step goes out with the request's first
+   transaction (services/rate_limit.py), at no round trip of its own; a write
+   that opened none is counted as it ends (`count_unsent_write`);
 5. `bind_tenant`: the request's Session transactions run as that user.
 
 The hooks after the first act only on an authenticated request (`g.user_id`).
@@ -24,7 +26,7 @@ from ..db import tenancy
 from ..db.extensions import db
 from ..db.isolation import check_now
 from ..db.models import BIGINT_MAX
-from ..errors import ApiError
+from ..errors import DATABASE_ERRORS, ApiError, error_response
 from ..services import rate_limit
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -51,7 +53,8 @@ def user_blueprint(name: str, import_name: str) -> Blueprint:
     blueprint.url_value_preprocessor(_pop_user_id)
     for guard in (authenticate, ids_in_range, isolation_in_force, count_write, bind_tenant):
         blueprint.before_request(guard)
-    blueprint.teardown_request(_release_tenant)
+    blueprint.after_request(count_unsent_write)
+    blueprint.teardown_request(_release_request)
     return blueprint
 
 
@@ -86,7 +89,22 @@ def isolation_in_force():
 def count_write():
     limit = current_app.config["SETTINGS"].write_rate_limit
     if "user_id" in g and limit is not None and request.method in WRITE_METHODS:
-        rate_limit.take_write(db.engine, g.user_id, rate_limit.RateLimit(*limit))
+        g.due_write_token = rate_limit.expect_write(g.user_id, rate_limit.RateLimit(*limit))
+
+
+def count_unsent_write(response):
+    """A write refused before it reached the database (400, 415, 422) still
+    counts: in a transaction of its own, and over the limit its answer is the
+    429. One the server could not serve (5xx: the database, the pool, the
+    assistant) is not counted, and does not wait for a connection to say so."""
+    if "due_write_token" in g and response.status_code < 500:
+        try:
+            rate_limit.take_write_if_due(db.engine)
+        except rate_limit.RateLimited as limited:
+            return error_response(limited.status, limited.code, limited.message, limited.headers, **limited.extra)
+        except DATABASE_ERRORS:
+            pass  # the answer stands; the write goes uncounted
+    return response
 
 
 def bind_tenant():
@@ -94,7 +112,10 @@ def bind_tenant():
         g.tenancy_token = tenancy.bind_user(g.user_id)
 
 
-def _release_tenant(exc):
+def _release_request(exc):
     token = g.pop("tenancy_token", None)
     if token is not None:
         tenancy.unbind_user(token)
+    token = g.pop("due_write_token", None)
+    if token is not None:
+        rate_limit.forget_write(token)

@@ -11,7 +11,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import current_app, has_app_context
 
-from .. import schemas
+from .. import chat_schemas, schemas
 from ..config import DEFAULT_MESSAGE_MAX_CHARS
 from ..db.models import BIGINT_MAX
 
@@ -170,7 +170,7 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
     chat = _operation(
         "chat", "One chat turn: store the message, ask the assistant with the stored history, store its reply",
         "200", "the assistant's reply (JSON, or a stream of it as it is generated)", "ChatResponse",
-        body=schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
+        body=chat_schemas.ChatRequestSchema(max_chars=message_max_chars), parameters=[IDEMPOTENCY_KEY],
         errors=(*BODY_ERRORS, "409", "502", "504"),
         links={**_links("/conversation_id", "conversation_id", "getConversation", "listMessages",
                         "renameConversation", "deleteConversation"),
@@ -178,6 +178,16 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
                    "user_id": "$request.path.user_id", "conversation_id": "$response.body#/conversation_id",
                    "message_id": "$response.body#/assistant_message_id"}}},
     )
+    chat["requestBody"]["content"]["application/json"]["schema"] = {"oneOf": [
+        {"$ref": "#/components/schemas/ChatRequest"}, {"$ref": "#/components/schemas/ChatEdit"},
+        {"$ref": "#/components/schemas/ChatRegenerate"}]}
+    chat["description"] = (
+        "Also takes the body the AI SDK's DefaultChatTransport sends when nothing customises it (UIChatRequest: "
+        "`{id, messages, trigger, messageId?}`, other fields ignored; always streamed): `id` is the conversation's "
+        "id (an id this user has no conversation under starts one), the last of `messages` is the new user "
+        "message (its `id` becomes the message's `ui_id`; sent again, the turn is replayed), `messageId` with "
+        "`submit-message` edits the user message with that `ui_id`, and `regenerate-message` answers again the "
+        "user message its reply (by `ui_id`, else the last) answered.")
     chat["responses"]["200"]["content"]["text/event-stream"] = UI_MESSAGE_STREAM
     chat["responses"]["200"]["headers"] = {"x-vercel-ai-ui-message-stream": {
         "description": "`v1` on a streamed answer", "required": False, "schema": {"type": "string"}}}
@@ -203,12 +213,30 @@ def _chat_paths(spec: APISpec, message_max_chars: int) -> None:
                                  errors=WRITE_ERRORS),
         },
     )
+    messages = _operation("listMessages", "Page through a conversation's messages", "200",
+                          "a page of messages (with `format=ui`, as the AI SDK's UIMessages)", "MessagePage",
+                          query=schemas.MessagePageQuerySchema, errors=(*READ_ERRORS, "422"))
+    messages["responses"]["200"]["content"]["application/json"]["schema"] = {"oneOf": [
+        {"$ref": "#/components/schemas/MessagePage"}, {"$ref": "#/components/schemas/UIMessagePage"}]}
+    resume = _operation("resumeStream", "Follow the conversation's reply being produced, from its start",
+                        "200", "the reply's stream, as the turn that produces it sends it", errors=READ_ERRORS)
+    resume["responses"]["200"]["content"] = {"text/event-stream": UI_MESSAGE_STREAM}
+    resume["responses"]["204"] = {"description": "no reply of the conversation is being produced (also when the "
+                                                  "user has no such conversation)"}
+    spec.path(path="/api/{user_id}/chat/{conversation_id}/stream", parameters=[USER_ID, CONVERSATION_ID],
+              operations={"get": resume})
+    spec.path(
+        path="/api/{user_id}/conversations/{conversation_id}/stop",
+        parameters=[USER_ID, CONVERSATION_ID],
+        operations={"post": _operation(
+            "stopReply", "Stop the reply the conversation is producing, on whichever instance", "200",
+            "whether a reply was stopped; it keeps the text produced so far, status `stopped`", "Stop",
+            errors=WRITE_ERRORS)},
+    )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}/messages",
         parameters=[USER_ID, CONVERSATION_ID],
-        operations={"get": _operation("listMessages", "Page through a conversation's messages",
-                                      "200", "a page of messages", "MessagePage",
-                                      query=schemas.MessagePageQuerySchema, errors=(*READ_ERRORS, "422"))},
+        operations={"get": messages},
     )
     spec.path(
         path="/api/{user_id}/conversations/{conversation_id}/messages/{message_id}/feedback",
@@ -294,8 +322,12 @@ def _document(message_max_chars: int) -> dict:
     spec.components.schema("TaskUpdate", schemas.TaskUpdateSchema.openapi_extra, schema=schemas.TaskUpdateSchema)
     spec.components.schema("ConversationPatch", schemas.ConversationPatchSchema.openapi_extra,
                            schema=schemas.ConversationPatchSchema)
-    for component in ("Conversation", "Message", "ChatResponse", "ConversationPage", "MessagePage", "Export"):
-        spec.components.schema(component, schema=getattr(schemas, f"{component}Schema"))
+    spec.components.schema("ChatRequest", schema=chat_schemas.ChatRequestSchema(max_chars=message_max_chars))
+    spec.components.schema("ChatEdit", schema=chat_schemas.ChatEditSchema(max_chars=message_max_chars))
+    for component in ("ChatRegenerate", "UIChatRequest", "Conversation", "Message", "ChatResponse",
+                      "ConversationPage", "MessagePage", "UIMessagePage", "Stop", "Export"):
+        spec.components.schema(component, schema=getattr(schemas, f"{component}Schema", None)
+                               or getattr(chat_schemas, f"{component}Schema"))
     _task_paths(spec)
     _chat_paths(spec, message_max_chars)
     _user_data_paths(spec)

@@ -16,13 +16,15 @@ comments keep proxies from closing the connection.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Iterable, Iterator
 
 from flask import Response
 
+from ..services.pending import PendingTurn, Replay
+from ..services.resume import Ended, Following, Piece
 from ..services.turn_relay import Answered, Delta, Failed, TurnStream
-from ..services.turns import PendingTurn, Replay
 
 HEADERS = {
     "Cache-Control": "no-cache",
@@ -46,8 +48,8 @@ def event(payload: dict) -> bytes:
 class UIMessage:
     """The events of one assistant message, from its ids."""
 
-    def __init__(self, conversation_id: str, user_message_id: int):
-        self.message_id = f"msg-{uuid.uuid4().hex}"
+    def __init__(self, message_id: str, conversation_id: str, user_message_id: int):
+        self.message_id = message_id
         self.metadata = {"conversation_id": conversation_id, "user_message_id": user_message_id}
 
     def start(self) -> bytes:
@@ -62,7 +64,10 @@ class UIMessage:
         return event({"type": "text-delta", "id": TEXT_ID, "delta": text})
 
     def finish(self, answer: dict, deltas_sent: bool) -> bytes:
-        """The end of the message, from the stored answer (blocking mode's JSON)."""
+        """The end of the message, from the stored answer (blocking mode's JSON):
+        `abort` for a reply that was stopped."""
+        if answer["status"] == "stopped":
+            return self.abort()
         parts = [] if deltas_sent else [self.delta(answer["response"])]
         parts.append(event({"type": "text-end", "id": TEXT_ID}))
         for call in answer["tool_calls"]:
@@ -82,12 +87,19 @@ class UIMessage:
     def error(text: str) -> bytes:
         return event({"type": "error", "errorText": text}) + DONE
 
+    @staticmethod
+    def abort() -> bytes:
+        return event({"type": "abort", "reason": "stopped"}) + DONE
+
 
 def replay_events(replay: Replay) -> Iterator[bytes]:
     """A finished turn replayed as a stream: its whole reply as one delta."""
     answer = replay.response
-    message = UIMessage(answer["conversation_id"], answer["user_message_id"])
+    message = UIMessage(replay.ui_id or f"msg-{uuid.uuid4().hex}", answer["conversation_id"],
+                        answer["user_message_id"])
     yield message.start()
+    if answer["status"] == "stopped" and answer["response"]:
+        yield message.delta(answer["response"])
     yield message.finish(answer, deltas_sent=False)
 
 
@@ -95,7 +107,7 @@ def turn_events(turn: TurnStream) -> Iterator[bytes]:
     """Relay a running turn. Closing this generator (the client went away) does
     not stop the turn; it waits for the turn to be stored."""
     pending: PendingTurn = turn.pending
-    message = UIMessage(str(pending.conversation_id), pending.user_message_id)
+    message = UIMessage(pending.reply_ui_id, str(pending.conversation_id), pending.user_message_id)
     try:
         yield message.start()
         deltas_sent = False
@@ -111,6 +123,23 @@ def turn_events(turn: TurnStream) -> Iterator[bytes]:
                 yield message.error(item.error.message)
     finally:
         turn.close()
+
+
+def resumed_events(following: Following, keepalive_s: float) -> Iterator[bytes]:
+    """Another request's reply, from its start: the text stored so far, then
+    each piece as it is stored, then its end (`finish`, `abort` or `error`)."""
+    message = UIMessage(following.ui_id, str(following.conversation_id), following.user_message_id)
+    yield message.start()
+    quiet_since = time.monotonic()
+    for item in following:
+        if isinstance(item, Piece):
+            quiet_since = time.monotonic()
+            yield message.delta(item.text)
+        elif isinstance(item, Ended):
+            yield message.finish(item.answer, deltas_sent=True) if item.answer else message.error(item.error)
+        elif time.monotonic() - quiet_since >= keepalive_s:
+            quiet_since = time.monotonic()
+            yield KEEPALIVE
 
 
 def response(events: Iterable[bytes]) -> Response:

@@ -25,20 +25,29 @@ stay, each checked once before its next use (see pool.py).
 """
 from __future__ import annotations
 
+import time
 import weakref
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
 
 import psycopg
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import pool
 
 _current_user: ContextVar[str | None] = ContextVar("current_user", default=None)
+
+# Functions that queue statements into a transaction right after the binding,
+# in the same round trip (the write limit's step): each takes the psycopg
+# connection in pipeline mode and returns a check to run once the results are
+# in (raising refuses the transaction), or None.
+_with_binding: list = []
 
 BIND_USER_SQL = ("select set_config('app.user_id', %s, true), set_config('statement_timeout', %s, true),"
                  " set_config('lock_timeout', %s, true)")
@@ -70,6 +79,18 @@ def unbind_user(token) -> None:
     _current_user.reset(token)
 
 
+def queue_with_binding(queue) -> None:
+    """Have `queue(connection)` run in every transaction right after its binding."""
+    if queue not in _with_binding:
+        _with_binding.append(queue)
+
+
+def _bind_and_queue(connection: psycopg.Connection, user_id: str, timeouts: Timeouts) -> list:
+    """Bind the user and queue what goes with the binding; the checks to run after the sync."""
+    bind(connection.cursor(), user_id, timeouts)
+    return [check for queue in _with_binding if (check := queue(connection)) is not None]
+
+
 def bind(cursor, user_id: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
     """Bind `user_id` and `timeouts` to the transaction `cursor` runs in (a psycopg cursor)."""
     cursor.execute(BIND_USER_SQL, (user_id, str(timeouts.statement_ms), str(timeouts.lock_ms)))
@@ -89,8 +110,41 @@ def _dropped_if_dead(engine: Engine, pooled, connection: psycopg.Connection, exc
     return True
 
 
+_waiting: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {waiter: since}
+
+
+def queue_age_s(engine: Engine) -> float:
+    """How long the longest of this process's current waits for a pooled
+    connection of `engine` has lasted (0 when nobody waits): the queue in front
+    of the pool, as the delay it imposes."""
+    waiters = _waiting.get(engine)
+    if not waiters:
+        return 0.0
+    return time.monotonic() - next(iter(waiters.values()))
+
+
+def _checkout(engine: Engine, patience_s: float | None):
+    """A pooled connection. Without patience, the pool's timeout (DATABASE_POOL_TIMEOUT_S)
+    ends the wait; with it, the wait goes on until `patience_s` have passed."""
+    waiters = _waiting.get(engine)
+    if waiters is None:
+        waiters = _waiting[engine] = OrderedDict()
+    waiter, since = object(), time.monotonic()
+    waiters[waiter] = since
+    try:
+        while True:
+            try:
+                return engine.connect()
+            except sa_exc.TimeoutError:
+                if patience_s is None or time.monotonic() - since >= patience_s:
+                    raise
+    finally:
+        del waiters[waiter]
+
+
 @contextmanager
-def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
+def transaction(engine: Engine, user_id: str, *, patience_s: float | None = None,
+                pipeline: bool = True) -> Iterator[psycopg.Connection]:
     """One transaction as `user_id` on a pooled psycopg connection in pipeline mode.
 
     The user is bound by the first (queued) statement, so binding costs no
@@ -98,12 +152,19 @@ def transaction(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
     caller commits; calling `commit()` before reading results sends the whole
     transaction in one round trip. A clean exit commits what is still open;
     an exception rolls back. A connection found dead is invalidated (alone).
+
+    `patience_s`: wait that long for a connection rather than the pool's
+    timeout (storing a reply that was already paid for). `pipeline=False`
+    sends each statement on its own: for parameters of megabytes, which a
+    psycopg pipeline can deadlock on (the client blocked writing while the
+    server waits for it to read).
     """
-    with engine.connect() as pooled:
+    with _checkout(engine, patience_s) as pooled:
         connection = pooled.connection.driver_connection
         try:
-            with connection.pipeline():
-                bind(connection.cursor(), user_id, _timeouts_of(engine))
+            with connection.pipeline() if pipeline else nullcontext():
+                for check in _bind_and_queue(connection, user_id, _timeouts_of(engine)):
+                    check()
                 yield connection
                 connection.commit()
         except BaseException as exc:
@@ -138,10 +199,14 @@ def snapshot(engine: Engine, user_id: str) -> Iterator[psycopg.Connection]:
 
 
 def _bind_session_transaction(session, transaction, connection) -> None:
+    """Bind the request's user, with what goes along, in one round trip (BEGIN included)."""
     user_id = _current_user.get()
     if user_id is not None:
-        with connection.connection.driver_connection.cursor() as cursor:
-            bind(cursor, user_id, _timeouts_of(connection.engine))
+        driver = connection.connection.driver_connection
+        with driver.pipeline():
+            checks = _bind_and_queue(driver, user_id, _timeouts_of(connection.engine))
+        for check in checks:
+            check()
 
 
 def install(session_target=Session) -> None:

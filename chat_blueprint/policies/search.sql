@@ -33,8 +33,8 @@ CREATE POLICY conversation_search ON conversation AS RESTRICTIVE FOR SELECT TO C
 -- conversations: a row (conversation, message) per message that holds it,
 -- and (conversation, NULL) when the title does. Matching is done by the
 -- policies above, so the statements name no condition of their own. The
--- messages searched are the current ones: a filter that leaves some out
--- (superseded_at IS NULL) belongs in the first statement, and only there.
+-- messages searched are the current ones whose text is final (from migration
+-- 0009 on, which applies this file again: the conditions of ix_message_search).
 -- Owned by a superuser or a BYPASSRLS role, no policy would apply and every
 -- row would be a hit: it refuses to run so.
 CREATE OR REPLACE FUNCTION search_hits(query tsquery)
@@ -47,7 +47,8 @@ BEGIN
         RAISE EXCEPTION 'search_hits must be owned by a role bound by row-level security (the owner)';
     END IF;
     PERFORM set_config('chat.search_query', query::text, true);
-    RETURN QUERY SELECT found.conversation_id, found.id FROM message AS found;
+    RETURN QUERY SELECT found.conversation_id, found.id FROM message AS found
+        WHERE found.superseded_at IS NULL AND found.status <> 'streaming';
     RETURN QUERY SELECT found.id, NULL::bigint FROM conversation AS found;
     PERFORM set_config('chat.search_query', '', true);
 END

@@ -8,7 +8,7 @@ import time
 from ..assistants import Assistant, AssistantError, AssistantTimeout, Reply, stream_reply
 from ..errors import ApiError
 from ..runtime.metrics import observe_assistant, observe_tokens
-from .storable import storable_text
+from .progress import ReplyProgress, Stopped
 from .turn_relay import Delta
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,21 @@ class Asking:
         self.assistant = assistant
         self.backend = backend
 
-    def reply(self, pending) -> Reply:
-        """The assistant's reply to the window; any failure is an AssistantFailed."""
+    def reply(self, pending, progress: ReplyProgress) -> Reply:
+        """The assistant's reply to the window; any failure is an AssistantFailed,
+        and a stop seen meanwhile (`progress`) is `Stopped`."""
         started = time.perf_counter()
         try:
-            reply = self.assistant.reply(pending.history, pending.turn, user_id=pending.user_id)
+            with progress.scope.interruptible():  # a stop ends the wait for the whole answer at once
+                reply = self.assistant.reply(pending.history, pending.turn, user_id=pending.user_id)
         except Exception as failure:  # noqa: BLE001 - any assistant failure is the upstream's, not the client's
-            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
-            raise self.assistant_failed(pending, failure) from None
+            raise self._failed(pending, progress, failure, started) from None
         self._observe("ok", started, reply)
         return reply
 
-    def stream(self, pending, emit) -> Reply:
-        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it comes.
+    def stream(self, pending, progress: ReplyProgress, emit) -> Reply:
+        """Like `reply`, calling `emit(Delta(text))` for each piece of text as it
+        comes, once `progress` has it (and stored it when a flush was due).
 
         Each piece goes out made storable (NUL and lone surrogates as U+FFFD), as
         `finish` will store the whole reply, so the pieces add up to what is stored
@@ -49,18 +51,27 @@ class Asking:
         started = time.perf_counter()
         try:
             for item in stream_reply(self.assistant, pending.history, pending.turn, user_id=pending.user_id):
+                if progress.stopped:
+                    raise Stopped()
                 if isinstance(item, Reply):
                     reply = item
                     break
                 if item:
-                    emit(Delta(storable_text(item)))
+                    emit(Delta(progress.add(item)))
             else:
                 raise AssistantError("the assistant's stream ended without a reply")
-        except Exception as failure:  # noqa: BLE001 - as in `ask`
-            self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
-            raise self.assistant_failed(pending, failure) from None
+        except Exception as failure:  # noqa: BLE001 - as in `reply`
+            raise self._failed(pending, progress, failure, started) from None
         self._observe("ok", started, reply)
         return reply
+
+    def _failed(self, pending, progress: ReplyProgress, failure: Exception, started: float) -> Exception:
+        """What a failure of the call means: a stop (the call was ended on purpose), or an AssistantFailed."""
+        if progress.stopped:
+            self._observe("stopped", started)
+            return Stopped()
+        self._observe("timeout" if isinstance(failure, AssistantTimeout) else "error", started)
+        return self.assistant_failed(pending, failure)
 
     def _observe(self, outcome: str, started: float, reply: Reply | None = None) -> None:
         observe_assistant(self.backend, outcome, time.perf_counter() - started)

@@ -169,9 +169,12 @@ def delete_conversation(session: Session, user_id: str, conversation_id: uuid.UU
 
 
 def list_messages(session: Session, user_id: str, conversation_id: uuid.UUID, limit: int, cursor: str | None,
-                  order: str) -> tuple[list, str | None]:
-    """A page of a conversation's messages in id order, keyset-paginated on id."""
+                  order: str, superseded: bool = False) -> tuple[list, str | None]:
+    """A page of a conversation's current messages (with `superseded`, also the
+    ones a newer message replaced) in id order, keyset-paginated on id."""
     query = select(Message).where(Message.conversation_id == conversation_id, Message.user_id == user_id)
+    if not superseded:
+        query = query.where(Message.superseded_at.is_(None))
     if cursor is not None:
         after_id = pagination.decode_message(cursor)
         query = query.where(Message.id > after_id if order == "asc" else Message.id < after_id)
@@ -183,6 +186,31 @@ def list_messages(session: Session, user_id: str, conversation_id: uuid.UUID, li
             raise ConversationNotFound()
         rows = list(session.scalars(query))
     return pagination.keyset_page(rows, limit, lambda last: pagination.encode_message(last.id))
+
+
+# The conversation (to tell a 404), and its reply being produced made `stopped`
+# (its producer, on any instance, sees it at its next flush or check).
+STOP = text("""
+WITH conversation AS (
+    SELECT id FROM conversation WHERE id = :conversation_id AND user_id = :user_id
+), stopped AS (
+    UPDATE message SET status = 'stopped', stale_at = NULL
+    WHERE conversation_id = :conversation_id AND user_id = :user_id AND status = 'streaming'
+      AND stale_at > now() AND superseded_at IS NULL
+    RETURNING id
+)
+SELECT EXISTS (SELECT FROM conversation), (SELECT max(id) FROM stopped)
+""")
+
+
+def stop(session: Session, user_id: str, conversation_id: uuid.UUID) -> int | None:
+    """Stop the reply the conversation is producing, on whichever instance: the
+    id of the reply stopped, or None when none was being produced."""
+    with session.begin():
+        exists, stopped = session.execute(STOP, {"conversation_id": conversation_id, "user_id": user_id}).one()
+    if not exists:
+        raise ConversationNotFound()
+    return stopped
 
 
 def give_feedback(session: Session, user_id: str, conversation_id: uuid.UUID, message_id: int, rating: str | None,

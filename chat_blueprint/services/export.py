@@ -33,6 +33,7 @@ from psycopg.rows import dict_row
 from sqlalchemy.engine import Engine
 
 from ..db import tenancy
+from ..db.models import CURRENT_STATUS_SQL
 from ..errors import ApiError
 from ..schemas import ConversationSchema, ExportSchema, MessageSchema, TaskSchema
 from . import rate_limit
@@ -174,8 +175,8 @@ def _finish(spooled: IO[bytes], release: Callable[[], None]) -> None:
 TASKS = "SELECT * FROM task WHERE user_id = %(user_id)s ORDER BY created_at DESC, id DESC"
 CONVERSATIONS = "SELECT * FROM conversation WHERE user_id = %(user_id)s ORDER BY updated_at DESC, id DESC"
 # A keyset over the (conversation_id, id) primary key, one batch at a time.
-MESSAGES = """
-SELECT * FROM message
+MESSAGES = f"""
+SELECT *, {CURRENT_STATUS_SQL} AS current_status FROM message
 WHERE conversation_id = %(conversation_id)s AND user_id = %(user_id)s AND id > %(after)s
 ORDER BY id LIMIT %(limit)s
 """

@@ -87,10 +87,12 @@ class IdempotencyClaim:
     ttl_s: int
 
     @classmethod
-    def of(cls, key: str, message: str, conversation_id: uuid.UUID | None, *, stale_after_s: float, ttl_s: int):
-        """The fingerprint covers what the turn stores, not how it is delivered (`stream`)."""
-        body = json.dumps({"message": message, "conversation_id": str(conversation_id) if conversation_id else None},
-                          sort_keys=True)
+    def of(cls, key: str, message: str | None, conversation_id: uuid.UUID | None, *, stale_after_s: float,
+           ttl_s: int, **what):
+        """The fingerprint covers what the turn stores, not how it is delivered
+        (`stream`); `what` adds what else it does (a rewrite)."""
+        body = json.dumps({"message": message, "conversation_id": str(conversation_id) if conversation_id else None,
+                           **what}, sort_keys=True)
         return cls(key, hashlib.sha256(body.encode()).hexdigest(), stale_after_s, ttl_s)
 
 

@@ -9,9 +9,17 @@ emission interval later keeps it within one period of now; the row lock
 serialises a user's concurrent requests on every instance. Each step runs
 inside the caller's transaction, so a refused request stores nothing, and a
 rolled-back one is not counted.
+
+A write's step costs no round trip of its own: the API marks the request's
+write as due (`expect_write`), and the request's first transaction takes it,
+queued with the user's binding (ORM transactions, through `tenancy`) or inside
+the statement that stores a chat turn's message (turn_sql.py). A write that
+opened no transaction (refused before: 400, 415, 422) is counted at its end by
+`take_write_if_due`, in a transaction of its own.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -105,10 +113,56 @@ NO_FLUSH_WAIT = "SELECT set_config('synchronous_commit', 'off', true)"
 def take_write(engine, user_id: str, limit: RateLimit) -> None:
     """Count one write against `limit` in a transaction of its own (one round
     trip: the user binding, the step and the commit go out together, and the
-    commit does not wait for the disk), or raise RateLimited. A write refused
-    later (404, 422) stays counted."""
+    commit does not wait for the disk), or raise RateLimited."""
     with tenancy.transaction(engine, user_id) as connection:
         connection.cursor().execute(NO_FLUSH_WAIT)
         pending = queue_take(connection, user_id, limit, WRITES)
         connection.commit()
         pending.check()
+
+
+@dataclass
+class DueWrite:
+    """The write the current request has yet to count against WRITE_RATE_LIMIT."""
+
+    user_id: str
+    limit: RateLimit
+    taken: bool = False
+
+
+_due_write: ContextVar[DueWrite | None] = ContextVar("due_write", default=None)
+
+
+def expect_write(user_id: str, limit: RateLimit):
+    """Mark this request's write as due; returns the token `forget_write` takes."""
+    return _due_write.set(DueWrite(user_id, limit))
+
+
+def forget_write(token) -> None:
+    _due_write.reset(token)
+
+
+def take_due_write() -> DueWrite | None:
+    """The request's due write, now marked taken: the caller queues its step in
+    the transaction it is about to send (and clears `taken` if that rolls back)."""
+    due = _due_write.get()
+    if due is None or due.taken:
+        return None
+    due.taken = True
+    return due
+
+
+def queue_due_write(connection):
+    """Queue the due write's step in `connection`'s first transaction, with the
+    user's binding (tenancy calls this); return the check of its verdict."""
+    due = take_due_write()
+    if due is None:
+        return None
+    return queue_take(connection, due.user_id, due.limit, WRITES).check
+
+
+def take_write_if_due(engine) -> None:
+    """Count a write that opened no transaction (or whose transaction rolled back)."""
+    due = take_due_write()
+    if due is not None:
+        take_write(engine, due.user_id, due.limit)

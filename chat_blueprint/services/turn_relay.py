@@ -58,7 +58,7 @@ class TurnStream:
     def _produce(self, turns) -> None:
         emit = self._events.put
         try:
-            answer = turns.answer(self.pending, lambda pending: turns.ask_streaming(pending, emit))
+            answer = turns.answer(self.pending, lambda pending, progress: turns.ask_streaming(pending, progress, emit))
         except ApiError as error:
             emit(Failed(error))
         except Exception:

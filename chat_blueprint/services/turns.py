@@ -26,96 +26,57 @@ streamed turn runs the same steps on a thread of its own (turn_relay.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from datetime import timedelta
 
 import psycopg.errors
-from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine
 
 from ..assistants import Assistant, HistoryMessage, Reply
+from ..assistants.deadlines import cancellable
 from ..db import tenancy
-from ..errors import DATABASE_ERRORS, database_failure
+from ..errors import DATABASE_ERRORS, ApiError, database_failure
 from ..schemas import TITLE_PREVIEW_CHARS
-from . import idempotency, rate_limit
+from . import idempotency, rate_limit, rewrites
 from .asking import Asking, AssistantFailed
 from .conversations import ConversationNotFound
 from .idempotency import IdempotencyClaim, KeyState
+from .pending import PendingTurn, Replay, TurnRequest, new_ui_id, window_of
+from .progress import MINDER, ReplyProgress, Stopped
 from .rate_limit import RateLimit
-from .storable import UNSTORABLE, storable
+from .replies import Replies
+from .rewrites import Rewrite
+from .storable import UNSTORABLE
 from .turn_relay import TurnStream
 from .turn_sql import (
+    ANSWER_AGAIN,
     HISTORY_WINDOW,
     LATEST_WINDOW,
-    STORE_IN_CONVERSATION,
-    STORE_IN_NEW_CONVERSATION,
-    STORE_REPLY,
-    STORED_REPLY,
+    SUPERSEDE_REPLY,
     USER_MESSAGE_TURN,
+    store_user_message,
 )
 
 log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
-# Answers stored under a key before replies carried the model's report.
-ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None}
-# The keys of an answer in the order `_store_reply` gives them: a replay reads the answer back from jsonb,
-# which keeps keys in its own order (shortest first), and puts them back in this one.
-ANSWER_KEYS = ("conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
-               "finish_reason", "usage")
-
-REPLY_TO_INDEX = "uq_message_reply_to"
-
-@dataclass(frozen=True)
-class TurnRequest:
-    """What a client asked for: a message for a conversation (None: a new one)."""
-
-    user_id: str
-    message: str
-    conversation_id: uuid.UUID | None
-    claim: IdempotencyClaim | None
+# A new turn is refused (503, before anything is stored) while some request of
+# this process has waited for a pooled connection for more than this share of
+# DATABASE_POOL_TIMEOUT_S: the pool (or the CPU behind it) is the bottleneck
+# then, and queueing more only makes every turn late, and then a 503 anyway.
+ADMISSION_WAIT_SHARE = 0.1
+UI_ID_INDEX = "uq_message_ui_id"
 
 
-@dataclass(frozen=True)
-class PendingTurn:
-    """A stored user message waiting for the assistant."""
+class Busy(ApiError):
+    """Requests of this process wait too long for a database connection: a new
+    turn is refused before it stores anything, and a retry after a second is
+    likely to get in."""
 
-    user_id: str
-    conversation_id: uuid.UUID
-    user_message_id: int
-    turn: int
-    history: list[HistoryMessage]
-    idempotency_key: str | None
-
-
-@dataclass(frozen=True)
-class Replay:
-    """The stored answer of an earlier request with the same Idempotency-Key."""
-
-    response: dict
-
-    def __post_init__(self):
-        stored = {**ANSWER_DEFAULTS, **self.response}
-        ordered = {key: stored.pop(key) for key in ANSWER_KEYS if key in stored}
-        object.__setattr__(self, "response", {**ordered, **stored})
-
-
-def _window(rows, max_chars: int) -> list[HistoryMessage]:
-    """The window, oldest first, from its rows newest first (the user message being
-    answered is the first): that message always, whole; then older ones for as long
-    as the window holds at most `max_chars` characters, so it ends at the first one
-    that does not fit. A sum over rows the query returned anyway, no extra query."""
-    window, size = [], 0
-    for role, content, tool_calls in rows:
-        size += len(content) + (len(json.dumps(tool_calls)) if tool_calls else 0)
-        if window and size > max_chars:
-            break
-        window.append(HistoryMessage(role, content, tool_calls))
-    window.reverse()
-    return window
+    def __init__(self):
+        super().__init__(503, "server_busy", "the server is busy; retry shortly", headers={"Retry-After": "1"})
 
 
 class Turns:
@@ -123,8 +84,11 @@ class Turns:
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
                  history_max_chars: int, stale_after_s: float, idempotency_ttl_s: int, keepalive_s: float,
-                 rate_limit: RateLimit | None = None):
+                 admission_wait_s: float, flush_s: float, rate_limit: RateLimit | None = None):
         self.engine = engine
+        self.replies = Replies(engine, stale_after_s)
+        self.flush_s = flush_s
+        self.admission_wait_s = admission_wait_s
         self.asking = Asking(assistant, backend)
         self.history_limit = history_limit
         self.history_max_chars = history_max_chars
@@ -139,15 +103,18 @@ class Turns:
                    stale_after_s=settings.assistant_timeout_s + STALE_GRACE_S,
                    idempotency_ttl_s=settings.idempotency_ttl_s,
                    rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
-                   keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars)
+                   keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars,
+                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s, flush_s=settings.stream_flush_s)
 
-    def request(self, user_id: str, message: str, conversation_id: uuid.UUID | None,
-                key: str | None = None) -> TurnRequest:
+    def request(self, user_id: str, message: str | None, conversation_id: uuid.UUID | None,
+                key: str | None = None, *, user_ui_id: str | None = None, create: bool = False,
+                rewrite: Rewrite | None = None) -> TurnRequest:
         claim = None
         if key is not None:
+            what = {"rewrite": [rewrite.kind, rewrite.message_id, rewrite.ui_id]} if rewrite else {}
             claim = IdempotencyClaim.of(key, message, conversation_id, stale_after_s=self.stale_after_s,
-                                        ttl_s=self.idempotency_ttl_s)
-        return TurnRequest(user_id, message, conversation_id, claim)
+                                        ttl_s=self.idempotency_ttl_s, **what)
+        return TurnRequest(user_id, message, conversation_id, claim, user_ui_id, create, rewrite)
 
     def run(self, request: TurnRequest) -> dict:
         """A blocking turn: the answer, or an ApiError (404, 409, 422, 429, 502, 503, 504)."""
@@ -157,10 +124,21 @@ class Turns:
         return self.answer(pending, self.ask)
 
     def answer(self, pending: PendingTurn, ask) -> dict:
-        """`ask(pending)` then `finish`, every failure going through `_released_on_failure`:
-        the one sequence both deliveries run, differing only in how they ask."""
-        with self._released_on_failure(pending):
-            return self.finish(pending, ask(pending))
+        """`ask(pending, progress)` then `finish`, every failure going through
+        `_released_on_failure`: the one sequence both deliveries run, differing
+        only in how they ask. While the assistant answers, the process's minder
+        watches for a stop; a stopped reply keeps the text produced so far."""
+        progress = ReplyProgress(self.engine, pending, self.flush_s)
+        MINDER.watch(progress)
+        try:
+            with self._released_on_failure(pending), cancellable(progress.scope):
+                try:
+                    reply = ask(pending, progress)
+                except Stopped:
+                    return self.finish_stopped(pending, Reply(text=progress.text))
+                return self.finish(pending, reply)
+        finally:
+            MINDER.forget(progress)
 
     def stream(self, pending: PendingTurn) -> TurnStream:
         """A streaming turn: `ask` in the assistant's streaming form and `finish`, run
@@ -173,59 +151,96 @@ class Turns:
         """Store the user message and read the window, in one transaction.
 
         A replay or the resumption of a stored message does not count against
-        the rate limit; a new message does, and over the limit nothing is
-        stored (429).
+        the chat rate limit; a new message does, and over the limit nothing is
+        stored (429). The request's write-limit step goes into the statement
+        that stores the message (without a key) or out with the binding (with
+        one): over WRITE_RATE_LIMIT nothing is stored either.
         """
-        with tenancy.transaction(self.engine, request.user_id) as connection:
-            if request.claim is not None:
-                outcome = idempotency.claim(connection, request.user_id, request.claim)
-                outcome.refuse()
-                if outcome.state is KeyState.REPLAY:
-                    return Replay(outcome.response)
-                if outcome.state is KeyState.RESUME:
-                    return self._resume(connection, request, outcome)
-            limited = None
-            if self.rate_limit is not None:
-                limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
-            return self._store_user_message(connection, request, limited)
+        if tenancy.queue_age_s(self.engine) > self.admission_wait_s:
+            raise Busy()
+        plain = request.claim is None and request.rewrite is None
+        due = rate_limit.take_due_write() if plain else None
+        try:
+            with tenancy.transaction(self.engine, request.user_id) as connection:
+                if request.claim is not None:
+                    outcome = idempotency.claim(connection, request.user_id, request.claim)
+                    outcome.refuse()
+                    if outcome.state is KeyState.REPLAY:
+                        return Replay.of(outcome.response)
+                    if outcome.state is KeyState.RESUME:
+                        return self._resume(connection, request, outcome)
+                if request.rewrite is not None:
+                    return self._pending(request, *rewrites.rewrite(self, connection, request, new_ui_id))
+                limited = None
+                if self.rate_limit is not None:
+                    limited = rate_limit.queue_take(connection, request.user_id, self.rate_limit, rate_limit.CHAT)
+                return self._store_user_message(connection, request, due, limited)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != UI_ID_INDEX:
+                raise
+            raise rewrites.ReplyInProgress() from None  # the same message sent twice at once: the other answers
 
-    def _store_user_message(self, connection, request: TurnRequest,
-                            limited: rate_limit.PendingTake | None = None) -> PendingTurn:
-        """Store the message; with a rate limit, its step went out first in the
-        same transaction, and a 429 or a 404 rolls both back, so a turn into
-        an unknown conversation is not counted."""
+    def _store_user_message(self, connection, request: TurnRequest, due: rate_limit.DueWrite | None,
+                            limited: rate_limit.PendingTake | None) -> PendingTurn:
+        """Store the message and its reply-to-be; with a chat rate limit, its
+        step went out first in the same transaction, and a 429 or a 404 rolls
+        both back, so a turn into an unknown conversation is not counted."""
         params = {"user_id": request.user_id, "content": request.message, "key": request.claim and request.claim.key,
                   "conversation_id": request.conversation_id, "title": request.message[:TITLE_PREVIEW_CHARS],
-                  "limit": self.history_limit}
+                  "limit": self.history_limit, "user_ui_id": request.user_ui_id or new_ui_id(),
+                  "reply_ui_id": new_ui_id(), "stale_after": timedelta(seconds=self.stale_after_s),
+                  **(due.limit.params if due is not None else {})}
+        target = "new" if request.conversation_id is None else "existing_or_new" if request.create else "existing"
         stored, window = connection.cursor(), connection.cursor()
-        if request.conversation_id is None:
-            stored.execute(STORE_IN_NEW_CONVERSATION, params)
-        else:
-            stored.execute(STORE_IN_CONVERSATION, params)
+        stored.execute(store_user_message(target, due is not None, request.user_ui_id is not None), params)
+        if request.conversation_id is not None:
             window.execute(LATEST_WINDOW, params)
-        if request.claim is None and limited is None:
-            # Nothing to undo if the conversation is unknown: send it all in one round trip.
+        # A message the conversation may hold already is looked up in this transaction.
+        sent = request.claim is None and limited is None and request.user_ui_id is None
+        if sent:
+            # Nothing to undo if the write is refused or the conversation unknown
+            # (neither stores anything): send it all in one round trip.
             connection.commit()
-        if limited is not None:
-            limited.check()  # 429: the message goes with the rollback
-        row = stored.fetchone()
-        if row is None:
-            raise ConversationNotFound()  # rolls back the claim and the rate-limit step
+        try:
+            if limited is not None:
+                limited.check()  # 429: the message goes with the rollback
+            admitted, retry_after_s, duplicate, conversation_id, user_message_id, turn, reply_id = stored.fetchone()
+            if not admitted:
+                raise rate_limit.RateLimited(retry_after_s, rate_limit.WRITES.what)
+            if duplicate:
+                before = rewrites.sent_before(self, connection, request, new_ui_id)
+                return Replay(*before) if isinstance(before[0], dict) else self._pending(request, *before)
+            if user_message_id is None:
+                raise ConversationNotFound()  # rolls back the claim and the rate-limit steps
+        except ApiError:
+            if due is not None and not sent:
+                due.taken = False  # its step goes with the rollback: counted as the request ends
+            raise
         if request.conversation_id is None:
             history = [HistoryMessage("user", request.message, [])]
         else:
-            history = _window(window.fetchall(), self.history_max_chars)
-        conversation_id, user_message_id, turn = row
+            history = window_of(window.fetchall(), self.history_max_chars)
         return PendingTurn(request.user_id, conversation_id, user_message_id, turn, history,
-                           request.claim and request.claim.key)
+                           request.claim and request.claim.key, reply_id, params["reply_ui_id"])
+
+    def _pending(self, request: TurnRequest, user_message_id: int, turn: int, window_rows, reply_id: int,
+                 reply_ui_id: str) -> PendingTurn:
+        return PendingTurn(request.user_id, request.conversation_id, user_message_id, turn,
+                           window_of(window_rows, self.history_max_chars), request.claim and request.claim.key,
+                           reply_id, reply_ui_id)
 
     def _resume(self, connection, request: TurnRequest, outcome) -> PendingTurn:
-        """Answer the user message the key's first request stored."""
-        turn, window = connection.cursor(), connection.cursor()
-        turn.execute(USER_MESSAGE_TURN, {"conversation_id": outcome.conversation_id, "id": outcome.user_message_id,
-                                         "user_id": request.user_id})
-        window.execute(HISTORY_WINDOW, {"conversation_id": outcome.conversation_id, "up_to": outcome.user_message_id,
-                                        "limit": self.history_limit})
+        """Answer again the user message the key's first request stored: the reply
+        it had, if any (interrupted, or left by a failure), is superseded."""
+        params = {"conversation_id": outcome.conversation_id, "user_message_id": outcome.user_message_id,
+                  "id": outcome.user_message_id, "up_to": outcome.user_message_id, "user_id": request.user_id,
+                  "limit": self.history_limit, "reply_ui_id": new_ui_id(),
+                  "stale_after": timedelta(seconds=self.stale_after_s)}
+        turn, window, reply = connection.cursor(), connection.cursor(), connection.cursor()
+        turn.execute(USER_MESSAGE_TURN, params)
+        window.execute(HISTORY_WINDOW, params)
+        connection.cursor().execute(SUPERSEDE_REPLY, params)
+        reply.execute(ANSWER_AGAIN, params)
         row = turn.fetchone()
         if row is None:
             # The conversation was deleted since: the key can never be
@@ -236,90 +251,29 @@ class Turns:
             raise ConversationNotFound()
         connection.commit()
         return PendingTurn(request.user_id, outcome.conversation_id, outcome.user_message_id, row[0],
-                           _window(window.fetchall(), self.history_max_chars), request.claim.key)
+                           window_of(window.fetchall(), self.history_max_chars), request.claim.key,
+                           reply.fetchone()[0], params["reply_ui_id"])
 
     # Step 2
 
-    def ask(self, pending: PendingTurn) -> Reply:
+    def ask(self, pending: PendingTurn, progress: ReplyProgress) -> Reply:
         """The assistant's reply to the window; any failure is an AssistantFailed."""
-        return self.asking.reply(pending)
+        return self.asking.reply(pending, progress)
 
-    def ask_streaming(self, pending: PendingTurn, emit) -> Reply:
+    def ask_streaming(self, pending: PendingTurn, progress: ReplyProgress, emit) -> Reply:
         """Like `ask`, calling `emit(Delta(text))` for each piece of text as it comes."""
-        return self.asking.stream(pending, emit)
+        return self.asking.stream(pending, progress, emit)
 
-    # Step 3
+    # Steps 3 and 4: the reply's end (replies.py)
 
     def finish(self, pending: PendingTurn, reply: Reply) -> dict:
-        """Store the reply and, under a key, the answer; return the answer.
+        return self.replies.finish(pending, reply)
 
-        The reply is made storable first (see `storable`). If another request
-        answered the same user message meanwhile (a retry that took over the
-        key of a slow first request), the unique index on `reply_to` refuses
-        this reply, and the answer is the one stored.
-        """
-        reply = storable(reply)
-        try:
-            return self._store_reply(pending, reply)
-        except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name != REPLY_TO_INDEX:
-                raise
-        stored = self._stored_reply(pending)
-        if stored is None:
-            raise ConversationNotFound()
-        return stored
-
-    def _stored_reply(self, pending: PendingTurn) -> dict | None:
-        with tenancy.transaction(self.engine, pending.user_id) as connection:
-            found = connection.cursor()
-            found.execute(STORED_REPLY, {"conversation_id": pending.conversation_id,
-                                         "reply_to": pending.user_message_id, "user_id": pending.user_id})
-            row = found.fetchone()
-        if row is None:
-            return None
-        assistant_message_id, content, tool_calls, model, finish_reason, usage = row
-        return {"conversation_id": str(pending.conversation_id), "response": content, "tool_calls": tool_calls,
-                "user_message_id": pending.user_message_id, "assistant_message_id": assistant_message_id,
-                "model": model, "finish_reason": finish_reason, "usage": usage}
-
-    def _store_reply(self, pending: PendingTurn, reply: Reply) -> dict:
-        response = {
-            "conversation_id": str(pending.conversation_id),
-            "response": reply.text,
-            "tool_calls": reply.tool_calls,
-            "user_message_id": pending.user_message_id,
-            "assistant_message_id": None,
-            "model": reply.model,
-            "finish_reason": reply.finish_reason,
-            "usage": reply.usage,
-        }
-        with tenancy.transaction(self.engine, pending.user_id) as connection:
-            stored = connection.cursor()
-            stored.execute(STORE_REPLY, {
-                "user_id": pending.user_id, "conversation_id": pending.conversation_id, "content": reply.text,
-                "tool_calls": Jsonb(reply.tool_calls), "reply_to": pending.user_message_id,
-                "key": pending.idempotency_key, "response": Jsonb(response), "model": reply.model,
-                "finish_reason": reply.finish_reason, "usage": Jsonb(reply.usage) if reply.usage is not None else None,
-            })
-            connection.commit()
-            row = stored.fetchone()
-        if row is None:
-            raise ConversationNotFound()
-        response["assistant_message_id"] = row[0]
-        return response
-
-    # Step 4
+    def finish_stopped(self, pending: PendingTurn, reply: Reply) -> dict:
+        return self.replies.finish_stopped(pending, reply)
 
     def fail(self, pending: PendingTurn) -> None:
-        """Release the key, if the database allows: the user message stays, and a
-        retry with the key may answer it at once (not only once it is stale)."""
-        if pending.idempotency_key is None:
-            return
-        try:
-            with tenancy.transaction(self.engine, pending.user_id) as connection:
-                idempotency.fail(connection, pending.user_id, pending.idempotency_key)
-        except DATABASE_ERRORS as exc:
-            log.warning("could not release an Idempotency-Key (%s); it is retried once stale", type(exc).__name__)
+        self.replies.discard(pending)
 
     @contextmanager
     def _released_on_failure(self, pending: PendingTurn):

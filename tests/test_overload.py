@@ -1,0 +1,150 @@
+"""A turn under load: refused early when the pool's queue is old, never lost
+once the assistant has answered, and the waits that make it cheap.
+
+Each test holds the only pooled connection of a one-worker server on purpose:
+a turn whose first transaction waits for a row lock taken from outside keeps
+its connection (and the pool's queue) busy for as long as the test says.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import psycopg
+import requests
+from fake_llm import slow, text
+from support import ROOT, built_app, connect, gunicorn, make_user
+
+from chat_blueprint.assistants import Reply
+from chat_blueprint.db.extensions import db
+from chat_blueprint.services.turns import Turns
+
+
+def post(server, user, message, conversation_id=None, timeout=60):
+    body = {"message": message, **({"conversation_id": conversation_id} if conversation_id else {})}
+    return requests.post(f"{server.url}/api/{user.id}/chat", json=body, headers=user.headers, timeout=timeout)
+
+
+def messages_of(app_url, user) -> int:
+    with connect(app_url, user.id) as conn:
+        return conn.execute("select count(*) from message").fetchone()[0]
+
+
+@contextmanager
+def conversation_locked(app_url, user, conversation_id):
+    """The conversation's row locked by another session until the block ends."""
+    with connect(app_url, user.id) as conn:
+        conn.execute("select 1 from conversation where id = %s for update", (conversation_id,))
+        yield
+        conn.rollback()
+
+
+def test_a_new_turn_is_refused_before_it_stores_anything_while_the_pool_queue_is_old(app_url):
+    """DATABASE_POOL_TIMEOUT_S=5: once a request has waited 0.5 s for the only
+    connection, the next turn is a quick 503 with Retry-After and stores nothing;
+    the turns already admitted complete once the connection is free."""
+    owner, other = make_user("owner"), make_user("other")
+    with gunicorn(app_url, DATABASE_POOL_SIZE=1, DATABASE_POOL_TIMEOUT_S=5, DATABASE_LOCK_TIMEOUT_S=20,
+                  DATABASE_STATEMENT_TIMEOUT_S=30) as server, ThreadPoolExecutor(2) as pool:
+        conversation_id = post(server, owner, "first").json()["conversation_id"]
+        with conversation_locked(app_url, owner, conversation_id):
+            holding = pool.submit(post, server, owner, "waits for the lock", conversation_id)
+            time.sleep(0.5)
+            queued = pool.submit(post, server, other, "waits for the connection")
+            time.sleep(1.0)
+            started = time.monotonic()
+            refused = post(server, other, "refused")
+            took = time.monotonic() - started
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "server_busy" and refused.headers["Retry-After"] == "1"
+            assert took < 1.0, took
+            assert messages_of(app_url, other) == 0
+        assert holding.result().status_code == 200 and queued.result().status_code == 200
+    assert messages_of(app_url, other) == 2
+
+
+def test_a_reply_the_assistant_gave_is_stored_however_long_the_pool_stays_busy(app_url, llm):
+    """The pool timeout is 1 s; the only connection stays busy for 3 s while a
+    turn's assistant answers: its reply waits for the connection and is stored."""
+    owner, patient = make_user("owner"), make_user("patient")
+    llm.reset()
+    llm.script(text("locked conversation opened"))
+    llm.default = slow(1.0, text("worth the wait"))
+    try:
+        with gunicorn(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="fake-model",
+                      ASSISTANT_TIMEOUT_S=10, DATABASE_POOL_SIZE=1, DATABASE_POOL_TIMEOUT_S=1,
+                      DATABASE_LOCK_TIMEOUT_S=20, DATABASE_STATEMENT_TIMEOUT_S=30) as server, \
+                ThreadPoolExecutor(2) as pool:
+            conversation_id = post(server, owner, "first").json()["conversation_id"]
+            with conversation_locked(app_url, owner, conversation_id):
+                answered = pool.submit(post, server, patient, "a question")
+                time.sleep(0.3)
+                holding = pool.submit(post, server, owner, "holds the connection", conversation_id)
+                time.sleep(3.0)
+            assert answered.result().status_code == 200, answered.result().text
+            assert answered.result().json()["response"] == "worth the wait"
+            assert holding.result().status_code == 200
+    finally:
+        from fake_llm import echo
+
+        llm.default = echo()
+    assert messages_of(app_url, patient) == 2
+
+
+def test_psycopg_waits_cooperatively_on_one_watcher_under_gevent(app_url):
+    """Under gevent, runtime/cooperative.py replaces psycopg's wait; two
+    greenlets sleeping 0.5 s in the database overlap."""
+    script = textwrap.dedent(f"""
+        from gevent import monkey; monkey.patch_all()
+        import time, gevent, psycopg, psycopg.waiting
+        from chat_blueprint.runtime import cooperative
+        assert cooperative.install() and psycopg.waiting.wait is cooperative.wait
+        def nap():
+            with psycopg.connect({app_url!r}) as conn:
+                conn.execute("select pg_sleep(0.5)")
+                with conn.pipeline():
+                    cursor = conn.execute("select 41 + 1")
+                    conn.commit()
+                assert cursor.fetchone() == (42,)
+        with psycopg.connect({app_url!r}) as conn:
+            pass
+        started = time.monotonic()
+        gevent.joinall([gevent.spawn(nap), gevent.spawn(nap)], raise_error=True)
+        print(round(time.monotonic() - started, 2))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 0.9, done.stdout
+    assert subprocess.run([sys.executable, "-c", "from chat_blueprint.runtime import cooperative; "
+                           "assert not cooperative.install()"], cwd=ROOT, timeout=60).returncode == 0
+
+
+def test_a_reply_of_megabytes_is_stored_without_a_pipeline(app_url, monkeypatch):
+    """psycopg's pipeline can deadlock on a parameter of megabytes; the reply's
+    transaction sends its statements one by one when the reply is that large."""
+    user = make_user()
+    pipelines = []
+    enter = psycopg.Connection.pipeline
+
+    def counted(connection):
+        pipelines.append(threading.current_thread().name)
+        return enter(connection)
+
+    with built_app(app_url) as app, app.app_context():
+        turns = Turns.from_settings(db.engine, app.extensions["assistant"], app.config["SETTINGS"])
+        pending = turns.begin(turns.request(user.id, "tell me everything", None))
+        monkeypatch.setattr(psycopg.Connection, "pipeline", counted)
+        answer = turns.finish(pending, Reply(text="x" * (12 * 1024 * 1024)))
+        assert pipelines == []
+        small = turns.begin(turns.request(user.id, "and briefly", pending.conversation_id))
+        turns.finish(small, Reply(text="brief"))
+        assert len(pipelines) == 2  # the small turn's two transactions
+    with connect(app_url, user.id) as conn:
+        stored = conn.execute("select length(content) from message where id = %s",
+                              (answer["assistant_message_id"],)).fetchone()[0]
+    assert stored == 12 * 1024 * 1024
