@@ -231,7 +231,8 @@ def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args
     the most memory of all gunicorn processes seen meanwhile."""
     cpu = Cpu(bench.cluster)
     targets = bench.targets[:IN_FLIGHT]
-    written = message_writes(bench.superuser_url)
+    statistics = bench.cluster.url(SUPERUSER, BASELINE_DATABASE if runtime.startswith(BASELINE_PREFIX) else DATABASE)
+    written = message_writes(statistics)
     with slow_upstream(**upstream_args) as (upstream, base_url), \
             gunicorn(bench.app_url, bench.work, f"{name}-{runtime}", **runtime_args(bench, runtime), **openai_env(base_url)) \
             as server:
@@ -243,7 +244,7 @@ def in_flight(bench: Bench, runtime: str, name: str, stream: bool, upstream_args
     time.sleep(1.0)  # the servers' backends have ended: their statistics are in
     run.update(max_db_connections=watcher.max_open, max_active_db_connections=watcher.max_active,
                max_rss_mb=round(memory.peak, 1), cpu=cpu.report(),
-               message_writes_per_turn=round((message_writes(bench.superuser_url) - written) / max(1, run["ok"]), 2))
+               message_writes_per_turn=round((message_writes(statistics) - written) / max(1, run["ok"]), 2))
     log(f"{name} [{runtime}]: {run['per_s']:.0f} turns/s, p50 {run['p50_ms']} ms, p99 {run['p99_ms']} ms"
         + (f", first delta p99 {run['first_delta_p99_ms']} ms" if stream else "")
         + f", {run['max_db_connections']} connections, {run['max_rss_mb']:.0f} MB"

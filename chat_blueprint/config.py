@@ -27,6 +27,7 @@ DEFAULT_POOL_TIMEOUT_S = 10.0
 DEFAULT_IDEMPOTENCY_TTL_S = 86_400
 DEFAULT_STREAM_KEEPALIVE_S = 15.0  # also the most a stream may go without one
 DEFAULT_STREAM_FLUSH_S = 1.0
+DEFAULT_MAX_TURNS_PER_PROCESS = 350
 STREAM_FLUSH_RANGE_S = (0.1, 10.0)
 DEFAULT_ISOLATION_CHECK_INTERVAL_S = 60.0
 DEFAULT_WRITE_RATE_LIMIT = (600, 60)
@@ -66,6 +67,7 @@ class Settings:
     write_rate_limit: tuple[int, int] | None  # (writes, period in seconds); None: off
     stream_keepalive_s: float
     stream_flush_s: float  # how far a produced reply's stored content may lag, and how soon a stop is seen
+    chat_max_turns_per_process: int  # turns one worker answers at once; more are refused (503 server_busy)
     isolation_check_interval_s: float
     cors_origins: tuple[str, ...] | None  # ("*",) for every origin
     statement_timeout_s: float
@@ -280,6 +282,8 @@ def load_settings(env=None, *, require_database: bool = True) -> Settings:
         write_rate_limit=_rate(env, "WRITE_RATE_LIMIT", DEFAULT_WRITE_RATE_LIMIT),
         stream_keepalive_s=_float(env, "CHAT_STREAM_KEEPALIVE_S", DEFAULT_STREAM_KEEPALIVE_S),
         stream_flush_s=_float(env, "CHAT_STREAM_FLUSH_S", DEFAULT_STREAM_FLUSH_S),
+        chat_max_turns_per_process=_int(env, "CHAT_MAX_TURNS_PER_PROCESS", DEFAULT_MAX_TURNS_PER_PROCESS,
+                                        maximum=100_000),
         isolation_check_interval_s=_float(env, "ISOLATION_CHECK_INTERVAL_S", DEFAULT_ISOLATION_CHECK_INTERVAL_S),
         cors_origins=_origins(env, "CORS_ORIGINS"),
         statement_timeout_s=_float(env, "DATABASE_STATEMENT_TIMEOUT_S", DEFAULT_STATEMENT_TIMEOUT_S),

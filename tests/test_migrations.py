@@ -59,7 +59,8 @@ def test_upgrade_downgrade_upgrade_round_trip():
                                ("prune_idempotency_keys", True, owner_only),
                                ("prune_write_rate_limits", True, owner_only),
                                ("search_hits", True, owner_and_app),
-                               ("search_text", False, None)]
+                               ("search_text", False, None),
+                               ("stopped_replies", True, owner_and_app)]
         # Table-wide UPDATE on message is never granted: only the feedback columns, and those a reply's
         # progress, end and supersession change.
         assert [row for row in upgraded[4] if row[0] == "message"] == [

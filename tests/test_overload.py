@@ -45,9 +45,9 @@ def conversation_locked(app_url, user, conversation_id):
 
 
 def test_a_new_turn_is_refused_before_it_stores_anything_while_the_pool_queue_is_old(app_url):
-    """DATABASE_POOL_TIMEOUT_S=5: once a request has waited 0.5 s for the only
-    connection, the next turn is a quick 503 with Retry-After and stores nothing;
-    the turns already admitted complete once the connection is free."""
+    """DATABASE_POOL_TIMEOUT_S=5: once a request has waited 2.5 s (half of it)
+    for the only connection, the next turn is a quick 503 with Retry-After and
+    stores nothing; the turns already admitted complete once the connection is free."""
     owner, other = make_user("owner"), make_user("other")
     with gunicorn(app_url, DATABASE_POOL_SIZE=1, DATABASE_POOL_TIMEOUT_S=5, DATABASE_LOCK_TIMEOUT_S=20,
                   DATABASE_STATEMENT_TIMEOUT_S=30) as server, ThreadPoolExecutor(2) as pool:
@@ -56,16 +56,41 @@ def test_a_new_turn_is_refused_before_it_stores_anything_while_the_pool_queue_is
             holding = pool.submit(post, server, owner, "waits for the lock", conversation_id)
             time.sleep(0.5)
             queued = pool.submit(post, server, other, "waits for the connection")
-            time.sleep(1.0)
+            time.sleep(3.0)
             started = time.monotonic()
             refused = post(server, other, "refused")
             took = time.monotonic() - started
             assert refused.status_code == 503, refused.text
-            assert refused.json()["error"]["code"] == "server_busy" and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "server_busy" and refused.headers["Retry-After"] == "2"
             assert took < 1.0, took
             assert messages_of(app_url, other) == 0
         assert holding.result().status_code == 200 and queued.result().status_code == 200
     assert messages_of(app_url, other) == 2
+
+
+def test_a_process_answers_at_most_chat_max_turns_per_process_at_once(app_url, llm):
+    """Two turns wait on a slow assistant; a third is a quick 503 server_busy
+    that stores nothing, and once one ends, turns are admitted again."""
+    llm.reset()
+    llm.default = slow(3.0, text("in time"))
+    users = [make_user(f"crowd{n}") for n in range(3)]
+    try:
+        with gunicorn(app_url, ASSISTANT="openai", ASSISTANT_BASE_URL=llm.base_url, ASSISTANT_MODEL="fake-model",
+                      CHAT_MAX_TURNS_PER_PROCESS=2) as server, ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(post, server, user, "slow") for user in users[:2]]
+            time.sleep(1.0)
+            started = time.monotonic()
+            refused = post(server, users[2], "one too many")
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
+            assert refused.headers["Retry-After"] == "2" and time.monotonic() - started < 1.0
+            assert messages_of(app_url, users[2]) == 0
+            assert [future.result().status_code for future in held] == [200, 200]
+            llm.default = text("now")
+            assert post(server, users[2], "admitted").status_code == 200
+    finally:
+        from fake_llm import echo
+
+        llm.default = echo()
 
 
 def test_a_reply_the_assistant_gave_is_stored_however_long_the_pool_stays_busy(app_url, llm):

@@ -323,6 +323,9 @@ def test_erase_removes_every_row_of_the_user_in_every_table(limited_app, alice, 
     for user in (alice, bob):
         seed_through_the_api(client, user, user.id)
         export(client, user)  # a row of export rate-limit state
+        with connect(app_url, user.id) as conn:  # a stop noted while its reply was produced
+            conn.execute("insert into reply_stop (user_id, ui_id) values (%s, 'msg-noted')", (user.id,))
+            conn.commit()
     tables = user_tables(limited_app)
     before = {user.id: rows_per_table(app_url, user.id, tables) for user in (alice, bob)}
     for user in (alice, bob):

@@ -218,5 +218,20 @@ class ExportRateLimit(db.Model):
     tat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+
+class ReplyStop(db.Model):
+    """A stop asked for a reply being produced, until its producer has ended it."""
+
+    __tablename__ = "reply_stop"
+    __table_args__ = (
+        CheckConstraint(NOT_BLANK_USER, name="user_id_not_blank"),
+        PrimaryKeyConstraint("ui_id", "user_id"),
+    )
+
+    user_id: Mapped[str] = mapped_column(Text)
+    ui_id: Mapped[str] = mapped_column(Text)
+    stopped_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 ISOLATED_TABLES = ("conversation", "message", "task", "idempotency_key", "chat_rate_limit", "write_rate_limit",
-                   "export_rate_limit")
+                   "export_rate_limit", "reply_stop")

@@ -189,7 +189,8 @@ def list_messages(session: Session, user_id: str, conversation_id: uuid.UUID, li
 
 
 # The conversation (to tell a 404), and its reply being produced made `stopped`
-# (its producer, on any instance, sees it at its next flush or check).
+# and noted in reply_stop (its producer, on any instance, sees it at its next
+# flush, or its process's next look at reply_stop: services/progress.py).
 STOP = text("""
 WITH conversation AS (
     SELECT id FROM conversation WHERE id = :conversation_id AND user_id = :user_id
@@ -197,7 +198,9 @@ WITH conversation AS (
     UPDATE message SET status = 'stopped', stale_at = NULL
     WHERE conversation_id = :conversation_id AND user_id = :user_id AND status = 'streaming'
       AND stale_at > now() AND superseded_at IS NULL
-    RETURNING id
+    RETURNING id, ui_id
+), noted AS (
+    INSERT INTO reply_stop (user_id, ui_id) SELECT :user_id, ui_id FROM stopped ON CONFLICT DO NOTHING
 )
 SELECT EXISTS (SELECT FROM conversation), (SELECT max(id) FROM stopped)
 """)

@@ -77,6 +77,7 @@ class Replies:
             stored.execute(statement, {
                 "user_id": pending.user_id, "conversation_id": pending.conversation_id, "reply_id": pending.reply_id,
                 "content": reply.text, "tool_calls": Jsonb(reply.tool_calls), "key": pending.idempotency_key,
+                "reply_ui_id": pending.reply_ui_id,
                 "response": Jsonb({**answer, "ui_id": pending.reply_ui_id}), "model": reply.model,
                 "finish_reason": reply.finish_reason, "usage": Jsonb(reply.usage) if reply.usage is not None else None,
             })

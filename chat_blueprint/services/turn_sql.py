@@ -159,13 +159,16 @@ WITH reply AS (
 SELECT id FROM reply
 """
 
-# A stopped reply keeps the text its producer had when it saw the stop.
+# A stopped reply keeps the text its producer had when it saw the stop; the
+# stop's note has served.
 FINISH_STOPPED = """
 WITH reply AS (
     UPDATE message SET content = %(content)s, tool_calls = %(tool_calls)s, model = %(model)s, usage = %(usage)s
     WHERE conversation_id = %(conversation_id)s AND id = %(reply_id)s AND user_id = %(user_id)s
       AND status = 'stopped' AND superseded_at IS NULL
     RETURNING id
+), noted AS (
+    DELETE FROM reply_stop WHERE user_id = %(user_id)s AND ui_id = %(reply_ui_id)s
 ), answered AS (
     UPDATE idempotency_key SET status = 'done', updated_at = now(), response = %(response)s
     FROM reply WHERE idempotency_key.user_id = %(user_id)s AND idempotency_key.key = %(key)s
@@ -200,10 +203,9 @@ WHERE conversation_id = %(conversation_id)s AND id = %(reply_id)s AND user_id = 
 RETURNING id
 """
 
-STILL_STREAMING = """
-SELECT id FROM message
-WHERE conversation_id = %(conversation_id)s AND id = %(reply_id)s AND user_id = %(user_id)s AND status = 'streaming'
-"""
+# Which of a process's replies (by ui_id) were stopped, for every user at once
+# (policies/reply_stop.sql).
+STOPPED_REPLIES = "SELECT stopped_replies(%(ui_ids)s)"
 
 
 def message_chars(content: str, tool_calls: list) -> int:

@@ -27,6 +27,7 @@ streamed turn runs the same steps on a thread of its own (turn_relay.py).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from contextlib import contextmanager
 from datetime import timedelta
@@ -62,21 +63,43 @@ from .turn_sql import (
 log = logging.getLogger(__name__)
 
 STALE_GRACE_S = 30
-# A new turn is refused (503, before anything is stored) while some request of
-# this process has waited for a pooled connection for more than this share of
-# DATABASE_POOL_TIMEOUT_S: the pool (or the CPU behind it) is the bottleneck
-# then, and queueing more only makes every turn late, and then a 503 anyway.
-ADMISSION_WAIT_SHARE = 0.1
+# A new turn is refused (503 server_busy, before anything is stored) while this
+# process holds CHAT_MAX_TURNS_PER_PROCESS turns already (each waits on the
+# assistant, cheaply, but a process's CPU answers only so many a second), or
+# while some request of it has waited for a pooled connection for more than
+# this share of DATABASE_POOL_TIMEOUT_S (then the pool, or the CPU behind it,
+# is the bottleneck, and queueing more turns only ends in a 503 anyway).
+ADMISSION_WAIT_SHARE = 0.5
 UI_ID_INDEX = "uq_message_ui_id"
 
 
 class Busy(ApiError):
-    """Requests of this process wait too long for a database connection: a new
-    turn is refused before it stores anything, and a retry after a second is
-    likely to get in."""
+    """This process holds all the turns it can: a new turn is refused before it
+    stores anything; a retry after a little while is likely to get in."""
 
     def __init__(self):
-        super().__init__(503, "server_busy", "the server is busy; retry shortly", headers={"Retry-After": "1"})
+        super().__init__(503, "server_busy", "the server is busy; retry shortly", headers={"Retry-After": "2"})
+
+
+class InFlight:
+    """The turns this process is answering, from `begin` to their end."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def enter(self, limit: int) -> None:
+        with self._lock:
+            if self.count >= limit:
+                raise Busy()
+            self.count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+IN_FLIGHT = InFlight()
 
 
 class Turns:
@@ -84,8 +107,9 @@ class Turns:
 
     def __init__(self, engine: Engine, assistant: Assistant, *, backend: str, history_limit: int,
                  history_max_chars: int, stale_after_s: float, idempotency_ttl_s: int, keepalive_s: float,
-                 admission_wait_s: float, flush_s: float, rate_limit: RateLimit | None = None):
+                 admission_wait_s: float, flush_s: float, max_turns: int, rate_limit: RateLimit | None = None):
         self.engine = engine
+        self.max_turns = max_turns
         self.replies = Replies(engine, stale_after_s)
         self.flush_s = flush_s
         self.admission_wait_s = admission_wait_s
@@ -104,7 +128,8 @@ class Turns:
                    idempotency_ttl_s=settings.idempotency_ttl_s,
                    rate_limit=RateLimit(*settings.chat_rate_limit) if settings.chat_rate_limit else None,
                    keepalive_s=settings.stream_keepalive_s, history_max_chars=settings.chat_history_max_chars,
-                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s, flush_s=settings.stream_flush_s)
+                   admission_wait_s=ADMISSION_WAIT_SHARE * settings.pool_timeout_s, flush_s=settings.stream_flush_s,
+                   max_turns=settings.chat_max_turns_per_process)
 
     def request(self, user_id: str, message: str | None, conversation_id: uuid.UUID | None,
                 key: str | None = None, *, user_ui_id: str | None = None, create: bool = False,
@@ -130,7 +155,7 @@ class Turns:
         watches for a stop; a stopped reply keeps the text produced so far."""
         progress = ReplyProgress(self.engine, pending, self.flush_s)
         MINDER.watch(progress)
-        try:
+        try:  # the turn entered IN_FLIGHT in `begin`
             with self._released_on_failure(pending), cancellable(progress.scope):
                 try:
                     reply = ask(pending, progress)
@@ -139,6 +164,7 @@ class Turns:
                 return self.finish(pending, reply)
         finally:
             MINDER.forget(progress)
+            IN_FLIGHT.leave()
 
     def stream(self, pending: PendingTurn) -> TurnStream:
         """A streaming turn: `ask` in the assistant's streaming form and `finish`, run
@@ -158,6 +184,17 @@ class Turns:
         """
         if tenancy.queue_age_s(self.engine) > self.admission_wait_s:
             raise Busy()
+        IN_FLIGHT.enter(self.max_turns)
+        try:
+            begun = self._begin(request)
+        except BaseException:
+            IN_FLIGHT.leave()
+            raise
+        if isinstance(begun, Replay):
+            IN_FLIGHT.leave()  # nothing to answer
+        return begun
+
+    def _begin(self, request: TurnRequest) -> PendingTurn | Replay:
         plain = request.claim is None and request.rewrite is None
         due = rate_limit.take_due_write() if plain else None
         try:

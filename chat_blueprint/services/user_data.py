@@ -33,6 +33,8 @@ NOT_EXPORTED = {
     "chat_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
     "write_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
     "export_rate_limit": "one timestamp of rate-limit state, nothing the user wrote",
+    "reply_stop": "the random id of a reply a stop was asked for while it was produced; the export holds the "
+                  "reply, `stopped`",
 }
 """Tables with a `user_id` that the export leaves out, and why. Every such
 table is either exported or named here: `unexported_tables` reports the rest
