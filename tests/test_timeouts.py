@@ -111,3 +111,28 @@ def test_the_timeouts_last_one_transaction(app_url):
             after = pooled.exec_driver_sql("select current_setting('app.user_id', true),"
                                            " current_setting('statement_timeout'), current_setting('lock_timeout')")
             assert after.fetchone() == ("", "0", "0")
+
+
+def test_a_shared_transaction_holds_each_statement_to_the_user_bound_before_it(app_url):
+    """The minder stores the progress of several users' replies in one
+    transaction: each statement sees only the rows of the user bound before it,
+    with the timeouts, and nothing outlives the transaction."""
+    owner, other = make_user(), make_user()
+    with built_app(app_url, DATABASE_POOL_SIZE=1, DATABASE_STATEMENT_TIMEOUT_S="2.5",
+                   DATABASE_LOCK_TIMEOUT_S="0.5") as app, app.app_context():
+        with tenancy.shared_transaction(db.engine) as shared:
+            shared.as_user(owner.id).execute("insert into task (user_id, title) values (%s, 'mine')", (owner.id,))
+            as_other = shared.as_user(other.id).execute(
+                "select count(*), current_setting('statement_timeout') from task")
+            as_other_write = shared.connection.execute(
+                "update task set title = 'taken' where user_id = %s returning id", (owner.id,))
+            as_owner = shared.as_user(owner.id).execute("select title from task where user_id = %s", (owner.id,))
+        assert as_other.fetchone() == (0, "2500ms")
+        assert as_other_write.fetchall() == []
+        assert as_owner.fetchall() == [("mine",)]
+        with tenancy.transaction(db.engine, owner.id) as connection:
+            assert connection.execute("select title from task").fetchall() == [("mine",)]  # committed
+        with db.engine.connect() as pooled:
+            after = pooled.exec_driver_sql("select current_setting('app.user_id', true),"
+                                           " current_setting('statement_timeout')")
+            assert after.fetchone() == ("", "0")

@@ -4,7 +4,7 @@
 in the same statement setting the transaction's `statement_timeout` and
 `lock_timeout` (DATABASE_STATEMENT_TIMEOUT_S, DATABASE_LOCK_TIMEOUT_S, kept
 per engine by `set_timeouts`), so every app transaction is bounded at no
-extra round trip; and it has exactly three callers:
+extra round trip; and it has exactly four callers:
 
 - the Session `after_begin` hook, at the start of *every* transaction a
   Session opens (including the ones SQLAlchemy opens after a commit to
@@ -13,7 +13,10 @@ extra round trip; and it has exactly three callers:
   user (the chat turn's hot path), as its first statement, and
 - `snapshot(engine, user_id)`, a read-only transaction for reading a user's
   rows at length (the export), whose user is passed in explicitly: a streamed
-  response reads after the request's context variable is gone.
+  response reads after the request's context variable is gone, and
+- `shared_transaction(engine)`, whose statements come in groups, each after
+  the binding of its own user (a process storing the progress of the replies
+  of several users in one round trip).
 
 The settings are transaction-local, so a pooled connection carries nothing
 from one request to the next, and PgBouncer transaction pooling is safe.
@@ -166,6 +169,42 @@ def transaction(engine: Engine, user_id: str, *, patience_s: float | None = None
                 for check in _bind_and_queue(connection, user_id, _timeouts_of(engine)):
                     check()
                 yield connection
+                connection.commit()
+        except BaseException as exc:
+            if not _dropped_if_dead(engine, pooled, connection, exc):
+                try:
+                    connection.rollback()
+                except psycopg.Error:
+                    pooled.invalidate()
+            raise
+
+
+class Shared:
+    """A transaction whose statements come in groups, each group after the
+    binding of its own user (`as_user`)."""
+
+    def __init__(self, connection: psycopg.Connection, timeouts: Timeouts):
+        self.connection = connection
+        self._timeouts = timeouts
+
+    def as_user(self, user_id: str) -> psycopg.Connection:
+        """Bind `user_id` (and the timeouts) for the statements queued after this; the connection."""
+        bind(self.connection.cursor(), user_id, self._timeouts)
+        return self.connection
+
+
+@contextmanager
+def shared_transaction(engine: Engine) -> Iterator[Shared]:
+    """One transaction in pipeline mode for a few statements of each of several
+    users (`Shared.as_user`). Row-level security holds statement by statement,
+    so a statement can only ever touch rows of the user bound before it. The
+    whole goes out in one round trip when the block ends, and commits; an
+    exception rolls all of it back."""
+    with _checkout(engine, None) as pooled:
+        connection = pooled.connection.driver_connection
+        try:
+            with connection.pipeline():
+                yield Shared(connection, _timeouts_of(engine))
                 connection.commit()
         except BaseException as exc:
             if not _dropped_if_dead(engine, pooled, connection, exc):
