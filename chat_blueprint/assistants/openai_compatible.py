@@ -60,6 +60,11 @@ from .completions import StreamedReply, reply_from
 from .deadlines import WATCHDOG, network_socket
 from .statuses import ERROR_BODY_BYTES, status_error
 
+# Every call a process makes may keep its connection for the next one: the
+# client's default keeps 100, so a process with more calls at once than that
+# opened a new TCP connection for most turns (a tenth of a streaming worker's CPU).
+CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=5.0)
+
 NO_API_KEY = "unused"
 # An answer larger than this, in bytes received (blocking or streamed), is refused rather than held in memory.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
@@ -96,7 +101,7 @@ class OpenAICompatibleAssistant:
             api_key=api_key or NO_API_KEY,
             timeout=timeout_s,
             max_retries=0,
-            http_client=openai.DefaultHttpxClient(follow_redirects=False,
+            http_client=openai.DefaultHttpxClient(follow_redirects=False, limits=CONNECTION_LIMITS,
                                                   event_hooks={"response": [self._refuse_error_status]}),
         )
 
