@@ -21,6 +21,7 @@ from fake_llm import slow, text
 from support import ROOT, built_app, connect, gunicorn, make_user
 
 from chat_blueprint.assistants import Reply
+from chat_blueprint.db import tenancy
 from chat_blueprint.db.extensions import db
 from chat_blueprint.services.turns import Turns
 
@@ -173,3 +174,41 @@ def test_a_reply_of_megabytes_is_stored_without_a_pipeline(app_url, monkeypatch)
         stored = conn.execute("select length(content) from message where id = %s",
                               (answer["assistant_message_id"],)).fetchone()[0]
     assert stored == 12 * 1024 * 1024
+
+
+def test_the_pool_queue_is_read_safely_while_threads_join_and_leave_it(app_url):
+    """Under gthread, `begin` reads the queue's age while other threads enter
+    and leave it: a read must never see the queue change under it (it did, as
+    a 500, in a benchmark)."""
+    user = make_user()
+    failures: list[BaseException] = []
+    done = threading.Event()
+    switch = sys.getswitchinterval()
+    with built_app(app_url, DATABASE_POOL_SIZE=1, DATABASE_POOL_TIMEOUT_S="5") as app, app.app_context():
+        engine = db.engine
+
+        def churn():
+            while not done.is_set():
+                with tenancy.transaction(engine, user.id):
+                    pass
+
+        def read():
+            while not done.is_set():
+                try:
+                    tenancy.queue_age_s(engine)
+                except BaseException as exc:  # noqa: BLE001 - the test reports it
+                    failures.append(exc)
+                    return
+
+        sys.setswitchinterval(1e-6)  # threads switch as often as CPython lets them
+        try:
+            threads = [threading.Thread(target=churn) for _ in range(6)] + [threading.Thread(target=read)]
+            for thread in threads:
+                thread.start()
+            time.sleep(3)
+            done.set()
+            for thread in threads:
+                thread.join(10)
+        finally:
+            sys.setswitchinterval(switch)
+    assert failures == []

@@ -28,6 +28,7 @@ stay, each checked once before its next use (see pool.py).
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -114,26 +115,28 @@ def _dropped_if_dead(engine: Engine, pooled, connection: psycopg.Connection, exc
 
 
 _waiting: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {waiter: since}
+_waiting_lock = threading.Lock()  # gthread's threads join, leave and read the queues at once
 
 
 def queue_age_s(engine: Engine) -> float:
     """How long the longest of this process's current waits for a pooled
     connection of `engine` has lasted (0 when nobody waits): the queue in front
     of the pool, as the delay it imposes."""
-    waiters = _waiting.get(engine)
-    if not waiters:
-        return 0.0
-    return time.monotonic() - next(iter(waiters.values()))
+    with _waiting_lock:
+        waiters = _waiting.get(engine)
+        since = next(iter(waiters.values())) if waiters else None
+    return 0.0 if since is None else time.monotonic() - since
 
 
 def _checkout(engine: Engine, patience_s: float | None):
     """A pooled connection. Without patience, the pool's timeout (DATABASE_POOL_TIMEOUT_S)
     ends the wait; with it, the wait goes on until `patience_s` have passed."""
-    waiters = _waiting.get(engine)
-    if waiters is None:
-        waiters = _waiting[engine] = OrderedDict()
     waiter, since = object(), time.monotonic()
-    waiters[waiter] = since
+    with _waiting_lock:
+        waiters = _waiting.get(engine)
+        if waiters is None:
+            waiters = _waiting[engine] = OrderedDict()
+        waiters[waiter] = since
     try:
         while True:
             try:
@@ -142,7 +145,8 @@ def _checkout(engine: Engine, patience_s: float | None):
                 if patience_s is None or time.monotonic() - since >= patience_s:
                     raise
     finally:
-        del waiters[waiter]
+        with _waiting_lock:
+            del waiters[waiter]
 
 
 @contextmanager
