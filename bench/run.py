@@ -23,7 +23,7 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   lifecycle    100 streamed replies stopped from the API: stop latency, and how far the stored text lags
   slowclients *  /healthz while 300 clients trickle their request bodies byte by byte
   search       in a database of its own (200 users x 2,000 conversations x 20 messages; smaller with
-               BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plan,
+               BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plans,
                and a chat turn's cost with and without the text-search indexes (pgbench, then the app)
 
 The phases marked * depend on the runtime: they run once per runtime of
