@@ -4,11 +4,15 @@ order they run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import psycopg
 
 from bench import search as search_data
 from bench.lifecycle import LIFECYCLE_CHUNKS, LIFECYCLE_INTERVAL_S, lifecycle
@@ -372,6 +376,56 @@ def search_turn_cost(bench: Bench) -> dict:
     return found
 
 
+READER = "bench-reader"
+READER_TASKS = int(os.environ.get("BENCH_READER_TASKS", "1000"))  # 1,000: a whole page at the largest `limit`
+READER_CLIENTS = 4
+VICTIM_CLIENTS = 2
+
+# The largest page of tasks there is, again and again, by one user.
+TASKS_REQUEST = """
+request = function()
+  local t = targets[1]
+  return wrk.format("GET", "/api/" .. t[1] .. "/tasks?limit=1000", {["Authorization"] = "Bearer " .. t[2]})
+end
+"""
+
+
+def reads(bench: Bench) -> dict:
+    """What one user's reads cost the others: READER_CLIENTS loops of the
+    largest page of tasks there is (1,000 tasks of the longest title and
+    description) by one user, against VICTIM_CLIENTS other users' chat turns.
+    The turns alone, then beside the loops, A B A B A B; the ratio of their
+    p50s is what the reader moved the others' p50 by."""
+    with psycopg.connect(bench.superuser_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM task WHERE user_id = %s", (READER,))
+        conn.execute("INSERT INTO task (user_id, title, description) SELECT %s, repeat('t', 200), repeat('d', 1000) "
+                     "FROM generate_series(1, %s)", (READER, READER_TASKS))
+    cpu = {"alone": Cpu(bench.cluster), "beside": Cpu(bench.cluster)}
+    runs = {"alone": [], "beside": []}
+    pages = []
+    with gunicorn(bench.app_url, bench.work, "reads") as server:
+        warmup(bench, server, "warmup-reads")
+        wrk(server.url, bench.work, "warmup-tasks", [(READER, "")], READER_CLIENTS, min(SECONDS, 5), TASKS_REQUEST)
+        for round_ in range(RLS_ROUNDS):
+            with cpu["alone"].measure(servers=[server]):
+                runs["alone"].append(wrk(server.url, bench.work, f"reads-alone-{round_}", bench.targets,
+                                         VICTIM_CLIENTS, SECONDS / 2))
+            with ThreadPoolExecutor(1) as pool, cpu["beside"].measure(servers=[server]):
+                reader = pool.submit(wrk, server.url, bench.work, f"reads-tasks-{round_}", [(READER, "")],
+                                     READER_CLIENTS, SECONDS / 2 + 2, TASKS_REQUEST)
+                time.sleep(1)  # the loops under way before the turns start, and after they end
+                runs["beside"].append(wrk(server.url, bench.work, f"reads-beside-{round_}", bench.targets,
+                                          VICTIM_CLIENTS, SECONDS / 2))
+                pages.append(reader.result())
+    found = {name: median_run(runs[name]) for name in runs}
+    found["tasks"] = median_run(pages)
+    found["p50_ratio"] = round(found["beside"]["p50_ms"] / found["alone"]["p50_ms"], 2)
+    found["cpu"] = {name: cpu[name].report() for name in cpu}
+    log(f"reads: others' chat p50 {found['alone']['p50_ms']:.1f} ms alone, {found['beside']['p50_ms']:.1f} ms beside "
+        f"{READER_CLIENTS} loops of 1,000 tasks ({found['tasks']['per_s']:.0f} pages/s): x{found['p50_ratio']}")
+    return found
+
+
 def best_concurrency(app_result: dict | None) -> int:
     if not app_result:
         return RLS_CONCURRENCY
@@ -393,4 +447,5 @@ PHASES = {
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
     "lifecycle": lambda bench, done, runtime: lifecycle_phase(bench),
     "search": lambda bench, done, runtime: search(bench),
+    "reads": lambda bench, done, runtime: reads(bench),
 }

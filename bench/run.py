@@ -25,6 +25,8 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
   search       in a database of its own (200 users x 2,000 conversations x 20 messages; smaller with
                BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plans,
                and a chat turn's cost with and without the text-search indexes (pgbench, then the app)
+  reads        one user's loops of the largest page of tasks (1,000 tasks) beside other users' chat turns:
+               their p50 alone and beside it, A B A B A B
 
 The phases marked * depend on the runtime: they run once per runtime of
 BENCH_RUNTIMES (default gevent,gthread; see RUNTIMES), one after another, so
@@ -165,6 +167,11 @@ def summarize(results: dict) -> dict:
             summary[f"lifecycle_{figure}"] = found[figure]
     if "search" in results:
         summary.update(search_summary(results["search"]))
+    if (found := results.get("reads")) is not None:
+        summary["reads_others_p50_alone_ms"] = round(found["alone"]["p50_ms"], 1)
+        summary["reads_others_p50_beside_ms"] = round(found["beside"]["p50_ms"], 1)
+        summary["reads_others_p50_ratio"] = found["p50_ratio"]
+        summary["reads_tasks_pages_per_s"] = round(found["tasks"]["per_s"], 1)
     return summary
 
 
@@ -259,7 +266,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"BENCH_RUNTIMES: unknown runtimes {', '.join(sorted(unknown))} "
                          f"(known: {', '.join(RUNTIMES)})")
-    if {"app", "history", "rls", "baseline", "slow", "search"} & set(phases) and not shutil.which("wrk"):
+    if {"app", "history", "rls", "baseline", "slow", "search", "reads"} & set(phases) and not shutil.which("wrk"):
         raise SystemExit("wrk not found: install the distribution's wrk package (make bench does)")
     raise_open_files_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -264,7 +264,9 @@ def test_database_outage_under_load(own_cluster, path):
     assert set(statuses) <= {200, 503}, statuses
     for outcome in unavailable:
         assert outcome.retry_after and int(outcome.retry_after) > 0, outcome
-        assert outcome.body["error"]["code"] == "database_unavailable", outcome
+        # server_busy: the worker's pool queue waited half of DATABASE_POOL_TIMEOUT_S (behind PgBouncer's
+        # query_wait_timeout), so a new turn is refused before anything is stored (admission, test_overload).
+        assert outcome.body["error"]["code"] in ("database_unavailable", "server_busy"), outcome
     assert max(o.latency for o in outcomes) <= ANSWER_BOUND_S
     assert all(o.status == 200 for o in load.between(0, stopping)), "failures before the outage"
     during = load.between(stopped, starting)

@@ -40,6 +40,23 @@ def test_list_is_newest_first_and_filters_by_status(client, alice):
     assert [task["id"] for task in completed] == [second["id"]]
 
 
+def test_a_listed_task_is_the_task_its_own_route_answers(client, alice, app_url):
+    """The list builds its items without TaskSchema (task_fields, for speed);
+    each item equals what GET /tasks/{id} answers through TaskSchema, for a
+    timestamp with microseconds and one on a whole second alike."""
+    plain = add(client, alice, title="plain")
+    other = add(client, alice, title="é ✓ \u2028 \"quoted\"", description="tab\there")
+    with connect(app_url, alice.id) as conn:
+        conn.execute("update task set created_at = date_trunc('second', created_at), completed = true "
+                     "where id = %s", (plain["id"],))
+        conn.commit()
+    listed = {task["id"]: task for task in client.get(f"/api/{alice.id}/tasks", headers=alice.headers).get_json()}
+    for task_id in (plain["id"], other["id"]):
+        single = client.get(f"/api/{alice.id}/tasks/{task_id}", headers=alice.headers).get_json()
+        assert listed[task_id] == single
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", listed[plain["id"]]["created_at"])
+
+
 def test_view(client, alice):
     task = add(client, alice, title="view me")
     response = client.get(f"/api/{alice.id}/tasks/{task['id']}", headers=alice.headers)

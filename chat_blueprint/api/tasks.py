@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import g, jsonify, url_for
 
 from ..db.extensions import db
-from ..schemas import TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskUpdateSchema
+from ..schemas import TaskCreateSchema, TaskListQuerySchema, TaskSchema, TaskUpdateSchema, task_fields
 from ..services import tasks
 from .bodies import json_body, query_args
 from .guards import user_blueprint
@@ -12,7 +12,6 @@ from .guards import user_blueprint
 bp = user_blueprint("tasks", __name__)
 
 task_schema = TaskSchema()
-tasks_schema = TaskSchema(many=True)
 
 
 @bp.get("/tasks")
@@ -26,7 +25,7 @@ def list_tasks():
     args = query_args(TaskListQuerySchema())
     page, next_cursor = tasks.list_tasks(db.session, g.user_id, args["status"], args["limit"],
                                                 args["cursor"])
-    response = jsonify(tasks_schema.dump(page))
+    response = jsonify([task_fields(task) for task in page])
     if next_cursor is not None:
         next_url = url_for("tasks.list_tasks", user_id=g.path_user_id, status=args["status"], limit=args["limit"],
                            cursor=next_cursor)

@@ -5,7 +5,7 @@ filter serves the `(user_id, created_at)` index, and the policy is the guarantee
 """
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import Row, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from ..db.models import Task
@@ -19,20 +19,22 @@ class TaskNotFound(ApiError):
 
 
 def list_tasks(session: Session, user_id: str, status: str = "all", limit: int = 1000,
-               cursor: str | None = None) -> tuple[list[Task], str | None]:
+               cursor: str | None = None) -> tuple[list[Row], str | None]:
     """A page of the user's tasks, newest first, keyset-paginated on
     (created_at, id) along the `(user_id, created_at, id)` index, and the
-    cursor of the next page (None on the last)."""
-    query = select(Task).where(Task.user_id == user_id)
+    cursor of the next page (None on the last). Rows, not ORM objects: a
+    page holds up to 1,000 tasks, and loading them as objects cost about
+    as much CPU again as the rest of the request."""
+    query = select(*Task.__table__.columns).where(Task.user_id == user_id)
     if status != "all":
         query = query.where(Task.completed.is_(status == "completed"))
     if cursor is not None:
         created_at, task_id = pagination.decode_task(cursor)
         query = query.where(tuple_(Task.created_at, Task.id) < tuple_(created_at, task_id))
     query = query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)
-    tasks = list(session.scalars(query))
+    rows = session.execute(query).all()
     session.commit()
-    return pagination.keyset_page(tasks, limit, lambda last: pagination.encode_task(last.created_at, last.id))
+    return pagination.keyset_page(rows, limit, lambda last: pagination.encode_task(last.created_at, last.id))
 
 
 def add_task(session: Session, user_id: str, title: str, description: str | None) -> Task:
