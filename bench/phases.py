@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -392,37 +393,60 @@ end
 
 def reads(bench: Bench) -> dict:
     """What one user's reads cost the others: READER_CLIENTS loops of the
-    largest page of tasks there is (1,000 tasks of the longest title and
-    description) by one user, against VICTIM_CLIENTS other users' chat turns.
-    The turns alone, then beside the loops, A B A B A B; the ratio of their
-    p50s is what the reader moved the others' p50 by."""
+    largest page of tasks there is (BENCH_READER_TASKS tasks of the longest
+    title and description) by one user, against VICTIM_CLIENTS other users'
+    chat turns. The turns alone, then beside the loops, A B A B A B; the ratio
+    of their p50s is what the reader moved the others' p50 by. Once straight
+    to gunicorn, once through nginx with docs/operations.md's site block as
+    printed (its per-user rate: the reader is refused there with 429)."""
     with psycopg.connect(bench.superuser_url, autocommit=True) as conn:
         conn.execute("DELETE FROM task WHERE user_id = %s", (READER,))
         conn.execute("INSERT INTO task (user_id, title, description) SELECT %s, repeat('t', 200), repeat('d', 1000) "
                      "FROM generate_series(1, %s)", (READER, READER_TASKS))
+    found = {"paths": {}, "cpu": {}}
+    with gunicorn(bench.app_url, bench.work, "reads") as server:
+        found["paths"]["direct"] = reads_rounds(bench, [server], server.url, "direct", found["cpu"])
+        with edge(server.url) as balancer:  # nginx's CPU counts as the server's
+            found["paths"]["nginx"] = reads_rounds(bench, [server, balancer.service], balancer.url, "nginx",
+                                                   found["cpu"])
+    return found
+
+
+@contextmanager
+def edge(upstream: str):
+    """nginx as the deployment tests start it (tests/stack.py), with the per-user rate as printed."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from stack import nginx
+    with nginx([upstream], per_user_limit=True) as balancer:
+        yield balancer
+
+
+def reads_rounds(bench: Bench, servers: list, url: str, name: str, cpu_reports: dict) -> dict:
     cpu = {"alone": Cpu(bench.cluster), "beside": Cpu(bench.cluster)}
     runs = {"alone": [], "beside": []}
     pages = []
-    with gunicorn(bench.app_url, bench.work, "reads") as server:
-        warmup(bench, server, "warmup-reads")
-        wrk(server.url, bench.work, "warmup-tasks", [(READER, "")], READER_CLIENTS, min(SECONDS, 5), TASKS_REQUEST)
-        for round_ in range(RLS_ROUNDS):
-            with cpu["alone"].measure(servers=[server]):
-                runs["alone"].append(wrk(server.url, bench.work, f"reads-alone-{round_}", bench.targets,
-                                         VICTIM_CLIENTS, SECONDS / 2))
-            with ThreadPoolExecutor(1) as pool, cpu["beside"].measure(servers=[server]):
-                reader = pool.submit(wrk, server.url, bench.work, f"reads-tasks-{round_}", [(READER, "")],
-                                     READER_CLIENTS, SECONDS / 2 + 2, TASKS_REQUEST)
-                time.sleep(1)  # the loops under way before the turns start, and after they end
-                runs["beside"].append(wrk(server.url, bench.work, f"reads-beside-{round_}", bench.targets,
-                                          VICTIM_CLIENTS, SECONDS / 2))
-                pages.append(reader.result())
-    found = {name: median_run(runs[name]) for name in runs}
+    wrk(url, bench.work, f"warmup-reads-{name}", bench.targets, VICTIM_CLIENTS, min(SECONDS, 5))
+    for round_ in range(RLS_ROUNDS):
+        with cpu["alone"].measure(servers=servers):
+            runs["alone"].append(wrk(url, bench.work, f"reads-{name}-alone-{round_}", bench.targets,
+                                     VICTIM_CLIENTS, SECONDS / 2))
+        with ThreadPoolExecutor(1) as pool, cpu["beside"].measure(servers=servers):
+            reader = pool.submit(wrk, url, bench.work, f"reads-{name}-tasks-{round_}", [(READER, "")],
+                                 READER_CLIENTS, SECONDS / 2 + 2, TASKS_REQUEST)
+            time.sleep(1)  # the loops under way before the turns start, and after they end
+            runs["beside"].append(wrk(url, bench.work, f"reads-{name}-beside-{round_}", bench.targets,
+                                      VICTIM_CLIENTS, SECONDS / 2))
+            pages.append(reader.result())
+    if name == "nginx":
+        for page in pages:  # nginx's 429s there are the per-user limit at work, not failed requests
+            page["refused"], page["non_2xx"] = page["non_2xx"], 0
+    found = {kind: median_run(runs[kind]) for kind in runs}
     found["tasks"] = median_run(pages)
     found["p50_ratio"] = round(found["beside"]["p50_ms"] / found["alone"]["p50_ms"], 2)
-    found["cpu"] = {name: cpu[name].report() for name in cpu}
-    log(f"reads: others' chat p50 {found['alone']['p50_ms']:.1f} ms alone, {found['beside']['p50_ms']:.1f} ms beside "
-        f"{READER_CLIENTS} loops of 1,000 tasks ({found['tasks']['per_s']:.0f} pages/s): x{found['p50_ratio']}")
+    cpu_reports.update({f"{name}.{kind}": cpu[kind].report() for kind in cpu})
+    log(f"reads [{name}]: others' chat p50 {found['alone']['p50_ms']:.1f} ms alone, {found['beside']['p50_ms']:.1f} ms "
+        f"beside {READER_CLIENTS} loops of {READER_TASKS} tasks ({found['tasks']['per_s']:.0f} requests/s, "
+        f"{found['tasks'].get('refused', 0)} refused): x{found['p50_ratio']}")
     return found
 
 

@@ -26,7 +26,8 @@ BENCH_SECONDS=3 gives a quick run. BENCH_PHASES picks phases (default: all).
                BENCH_SEARCH_USERS and BENCH_SEARCH_CONVERSATIONS): search p50/p99 by kind of search, the plans,
                and a chat turn's cost with and without the text-search indexes (pgbench, then the app)
   reads        one user's loops of the largest page of tasks (1,000 tasks) beside other users' chat turns:
-               their p50 alone and beside it, A B A B A B
+               their p50 alone and beside it, A B A B A B; straight to gunicorn, then through nginx with
+               docs/operations.md's site block (its per-user rate)
 
 The phases marked * depend on the runtime: they run once per runtime of
 BENCH_RUNTIMES (default gevent,gthread; see RUNTIMES), one after another, so
@@ -167,11 +168,12 @@ def summarize(results: dict) -> dict:
             summary[f"lifecycle_{figure}"] = found[figure]
     if "search" in results:
         summary.update(search_summary(results["search"]))
-    if (found := results.get("reads")) is not None:
-        summary["reads_others_p50_alone_ms"] = round(found["alone"]["p50_ms"], 1)
-        summary["reads_others_p50_beside_ms"] = round(found["beside"]["p50_ms"], 1)
-        summary["reads_others_p50_ratio"] = found["p50_ratio"]
-        summary["reads_tasks_pages_per_s"] = round(found["tasks"]["per_s"], 1)
+    for path, found in results.get("reads", {}).get("paths", {}).items():
+        summary[f"reads_{path}_others_p50_alone_ms"] = round(found["alone"]["p50_ms"], 1)
+        summary[f"reads_{path}_others_p50_beside_ms"] = round(found["beside"]["p50_ms"], 1)
+        summary[f"reads_{path}_others_p50_ratio"] = found["p50_ratio"]
+        summary[f"reads_{path}_reader_requests_per_s"] = round(found["tasks"]["per_s"], 1)
+        summary[f"reads_{path}_reader_refused"] = found["tasks"].get("refused", 0)
     return summary
 
 

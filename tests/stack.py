@@ -215,16 +215,25 @@ http {{
 """
 
 
-def nginx_site(upstreams: list[str], listen: str) -> str:
+# The docs' per-user request rate, and the one the deployment tests run at
+# unless they test that limit: their loads post faster than 10 a second for
+# one user on purpose.
+PER_USER_RATE = "rate=10r/s"
+UNLIMITED_RATE = "rate=100000r/s"
+
+
+def nginx_site(upstreams: list[str], listen: str, per_user_limit: bool = False) -> str:
     """docs/operations.md's site block: the tests' instances for its example
-    upstreams, and `listen` for its TLS listener (the tests speak plain HTTP
-    to nginx; test_deploy_docs loads the block with TLS as printed). Every
-    instance stays in the rotation (`max_fails=0`), so a test can tell that
-    round robin reached each of them."""
+    upstreams, `listen` for its TLS listener (the tests speak plain HTTP to
+    nginx; test_deploy_docs loads the block with TLS as printed), and the
+    per-user rate as printed only with `per_user_limit`. Every instance stays
+    in the rotation (`max_fails=0`), so a test can tell that round robin
+    reached each of them."""
     servers = "".join(f"    server {url.removeprefix('http://')} max_fails=0;\n" for url in upstreams)
     return fill(block("nginx-site"), {
         "    server 10.0.0.11:8000;\n    server 10.0.0.12:8000;\n": servers,
         "listen 443 ssl;": listen,
+        PER_USER_RATE: PER_USER_RATE if per_user_limit else UNLIMITED_RATE,
     })
 
 
@@ -262,13 +271,13 @@ def nginx_command(directory: Path, *options: str) -> list[str]:
 
 
 @contextmanager
-def nginx(upstreams: list[str]):
+def nginx(upstreams: list[str], per_user_limit: bool = False):
     """nginx on a free loopback port, balancing round robin over `upstreams`
     (`http://127.0.0.1:PORT` URLs), configured with docs/operations.md's site
-    block and JSON error pages."""
+    block and JSON error pages (see nginx_site for `per_user_limit`)."""
     port = free_port()
     with workdir("chat-test-nginx-") as (directory, user):
-        write_nginx_files(directory, user, nginx_site(upstreams, f"listen 127.0.0.1:{port};"))
+        write_nginx_files(directory, user, nginx_site(upstreams, f"listen 127.0.0.1:{port};", per_user_limit))
         with _service("nginx", nginx_command(directory, "-g", "daemon off;"), directory, user) as service:
             balancer = Balancer(f"http://127.0.0.1:{port}", list(upstreams), service)
             health = balancer.url + "/healthz"

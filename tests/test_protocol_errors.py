@@ -6,6 +6,8 @@ docs/operations.md."""
 from __future__ import annotations
 
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt
 import pytest
@@ -137,3 +139,26 @@ NGINX_REFUSALS = {
 @pytest.mark.parametrize("request_bytes, status, code", NGINX_REFUSALS.values(), ids=NGINX_REFUSALS.keys())
 def test_nginx_refusals_are_json(balancer, request_bytes, status, code):
     assert_json_error(raw_exchange(balancer.url, [request_bytes]), status, code)
+
+
+def test_nginx_limits_each_user_to_the_printed_rate_in_json(_shared_gunicorn, shared_server):
+    """The docs' per-user limit as printed (10 a second, bursts of 40): one
+    user's 60 requests at once are 40 answers and 20 of nginx's 429s in the
+    API's JSON with `Retry-After`; another user, and /healthz, are served
+    meanwhile; and the limited user is served again a moment later."""
+    greedy, other = make_user(), make_user()
+    with nginx([_shared_gunicorn.url], per_user_limit=True) as limited:
+        def tasks(user):
+            return get(f"/api/{user.id}/tasks", f"Authorization: Bearer {user.token}")
+
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: raw_exchange(limited.url, [tasks(greedy)]), range(60)))
+        statuses = Counter(answer.status for answer in answers)
+        assert statuses[429] >= 20 - 2 and statuses[200] + statuses[429] == 60, statuses  # 1 token per 0.1 s
+        refused = next(answer for answer in answers if answer.status == 429)
+        assert_json_error(refused, 429, "rate_limited")
+        assert refused.headers["retry-after"] == "1"
+        assert raw_exchange(limited.url, [tasks(other)]).status == 200
+        assert raw_exchange(limited.url, [get("/healthz")]).status == 200
+        time.sleep(1.0)
+        assert raw_exchange(limited.url, [tasks(greedy)]).status == 200
