@@ -84,3 +84,13 @@ def test_the_deployment_diagram_names_the_default_worker_class():
     operations = (ROOT / "docs/operations.md").read_text()
     diagram = operations[operations.index("## The deployment\n"):operations.index("### An instance")]
     assert re.findall(r"gunicorn × N instances \((\w+):", diagram) == [default]
+
+
+def test_the_state_diagram_has_no_statement_break_inside_a_label():
+    """Mermaid ends a statement at `;`, so a transition label holding one drew
+    each word after it as a state of its own (found by rendering
+    docs/architecture.md's diagram with mermaid-cli and Chromium)."""
+    diagram = (ROOT / "docs" / "architecture.md").read_text().split("```mermaid\n", 1)[1].split("```", 1)[0]
+    transitions = [line for line in diagram.splitlines() if "-->" in line]
+    assert len(transitions) >= 8
+    assert [line for line in transitions if ";" in line] == []
