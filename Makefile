@@ -65,7 +65,7 @@ $(AI_SDK)/node_modules/.installed: $(AI_SDK)/package.json
 clean:
 	rm -rf $(VENV) .data *.egg-info $(AI_SDK)/node_modules
 
-bench: install postgres
+bench: install postgres test-deps
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null; } || { echo "wrk not found: install the distribution's wrk package"; exit 1; }
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.run

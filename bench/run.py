@@ -270,6 +270,8 @@ def main() -> int:
                          f"(known: {', '.join(RUNTIMES)})")
     if {"app", "history", "rls", "baseline", "slow", "search", "reads"} & set(phases) and not shutil.which("wrk"):
         raise SystemExit("wrk not found: install the distribution's wrk package (make bench does)")
+    if "reads" in phases and not shutil.which("nginx", path=os.pathsep.join((os.environ.get("PATH", ""), "/usr/sbin"))):
+        raise SystemExit("nginx not found: the reads phase runs the docs' nginx block (make test-deps installs it)")
     raise_open_files_limit()
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="chat-bench-"))
