@@ -61,7 +61,7 @@ def register_commands(app) -> None:
     @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
                   help="rows deleted per transaction")
     def prune_command(batch_size: int) -> None:
-        """Delete idempotency keys older than IDEMPOTENCY_TTL_S and idle rate-limit rows.
+        """Delete idempotency keys older than IDEMPOTENCY_TTL_S, idle rate-limit rows and old stops.
 
         Run it with the owner's DATABASE_URL (the one `db upgrade` uses), or a
         role the owner granted EXECUTE on the prune functions, and the app's
@@ -83,6 +83,7 @@ def register_commands(app) -> None:
         click.echo(f"deleted {pruned.idempotency_keys} expired idempotency keys "
                    f"(older than IDEMPOTENCY_TTL_S={settings.idempotency_ttl_s} s)")
         click.echo(f"deleted {pruned.rate_limits} idle rate-limit rows")
+        click.echo(f"deleted {pruned.reply_stops} stops of replies no longer produced")
 
 
 def _prune_failure(error) -> str:

@@ -57,6 +57,7 @@ def test_upgrade_downgrade_upgrade_round_trip():
         assert upgraded[3] == [("prune_chat_rate_limits", True, owner_only),
                                ("prune_export_rate_limits", True, owner_only),
                                ("prune_idempotency_keys", True, owner_only),
+                               ("prune_reply_stops", True, owner_only),
                                ("prune_write_rate_limits", True, owner_only),
                                ("search_hits", True, owner_and_app),
                                ("search_text", False, None),

@@ -95,6 +95,7 @@ def test_prune_deletes_aged_keys_and_idle_rate_state_and_keeps_the_rest(own_clus
     assert result.stdout.splitlines() == [
         f"deleted 5 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)",
         "deleted 9 idle rate-limit rows",
+        "deleted 0 stops of replies no longer produced",
     ]
     assert keys_of(app_url, alice) == keys_of(app_url, bob) == ["fresh"]
     assert [rate_state_of(app_url, user) for user in idle] == [0, 0, 0]
@@ -105,6 +106,7 @@ def test_prune_deletes_aged_keys_and_idle_rate_state_and_keeps_the_rest(own_clus
     assert output.splitlines() == [
         f"deleted 0 expired idempotency keys (older than IDEMPOTENCY_TTL_S={TTL_S} s)",
         "deleted 0 idle rate-limit rows",
+        "deleted 0 stops of replies no longer produced",
     ]
 
 
@@ -139,7 +141,8 @@ def test_the_app_role_cannot_prune_and_still_sees_nothing_without_a_user(own_clu
     assert code == 1
     assert "may not prune" in output and "owner" in output and "Traceback" not in output
     for call in ("select prune_idempotency_keys(0, 1000)", "select * from prune_chat_rate_limits('', 1000)",
-                 "select * from prune_write_rate_limits('', 1000)", "select * from prune_export_rate_limits('', 1000)"):
+                 "select * from prune_write_rate_limits('', 1000)", "select * from prune_export_rate_limits('', 1000)",
+                 "select prune_reply_stops(60, 1000)"):
         with connect(app_url) as conn, pytest.raises(errors.InsufficientPrivilege):
             conn.execute(call)
 
@@ -158,9 +161,10 @@ def test_the_owner_sees_nothing_outside_the_prune_functions(own_cluster):
     function runs: forced RLS still binds it everywhere else."""
     app_url = own_cluster.url(APP_ROLE)
     add_key(app_url, new_user(), "fresh", 0)
+    add_stop(app_url, new_user(), "young", 0)
     with connect(own_cluster.url(OWNER_ROLE)) as conn:
         assert [conn.execute(f"select count(*) from {table}").fetchone()[0]
-                for table in ("idempotency_key", "chat_rate_limit", "conversation")] == [0, 0, 0]
+                for table in ("idempotency_key", "chat_rate_limit", "conversation", "reply_stop")] == [0, 0, 0, 0]
         conn.execute("select prune_idempotency_keys(%s, 10)", (TTL_S,))
         assert conn.execute("select current_setting('chat.pruning', true)").fetchone()[0] == "off"
         assert conn.execute("select count(*) from idempotency_key").fetchone()[0] == 0
@@ -176,14 +180,16 @@ def maintenance_url(own_cluster):
     with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION prune_idempotency_keys(double precision, integer),"
                              " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer),"
-                             " prune_export_rate_limits(text, integer) TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
+                             " prune_export_rate_limits(text, integer), prune_reply_stops(double precision, integer)"
+                             " TO {}").format(sql.Identifier(MAINTENANCE_ROLE)))
     try:
         yield f"postgresql://{MAINTENANCE_ROLE}:{MAINTENANCE_PASSWORD}@127.0.0.1:{own_cluster.port}/chat"
     finally:
         with psycopg.connect(own_cluster.url(OWNER_ROLE), autocommit=True) as conn:
             conn.execute(sql.SQL("REVOKE ALL ON FUNCTION prune_idempotency_keys(double precision, integer),"
                                  " prune_chat_rate_limits(text, integer), prune_write_rate_limits(text, integer),"
-                                 " prune_export_rate_limits(text, integer) FROM {}").format(
+                                 " prune_export_rate_limits(text, integer),"
+                                 " prune_reply_stops(double precision, integer) FROM {}").format(
                 sql.Identifier(MAINTENANCE_ROLE)))
         with psycopg.connect(own_cluster.url(SUPERUSER, "postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(MAINTENANCE_ROLE)))
@@ -246,3 +252,31 @@ def test_prune_refuses_a_ttl_shorter_than_the_stale_bound(own_cluster, ttl_s, as
                                     ASSISTANT_TIMEOUT_S=assistant_timeout_s)
     assert code == 0, output
     assert keys_of(app_url, user) == []
+
+
+def add_stop(app_url: str, user_id: str, ui_id: str, age_s: float) -> None:
+    with connect(app_url, user_id) as conn:
+        conn.execute("insert into reply_stop (user_id, ui_id, stopped_at) values (%s, %s, now() - make_interval(secs => %s))",
+                     (user_id, ui_id, age_s))
+
+
+def stops_of(app_url: str, user_id: str) -> list[str]:
+    with connect(app_url, user_id) as conn:
+        return [row[0] for row in conn.execute("select ui_id from reply_stop order by ui_id")]
+
+
+def test_stops_older_than_the_stale_bound_are_pruned_and_younger_ones_kept(own_cluster):
+    """A producer deletes its reply's stop when it ends the reply; one that died
+    leaves it. prune deletes a stop older than ASSISTANT_TIMEOUT_S + 30 s (no
+    producer outlives that) and keeps a younger one, which a live producer may
+    still be about to read."""
+    app_url = own_cluster.url(APP_ROLE)
+    alice, bob = new_user(), new_user()
+    for user in (alice, bob):
+        add_stop(app_url, user, "dead-1", 3600)
+        add_stop(app_url, user, "dead-2", 30 + 30 + 5)
+        add_stop(app_url, user, "young", 30 + 30 - 5)
+    code, output = prune_in_process(own_cluster.url(OWNER_ROLE), "--batch-size", "3", ASSISTANT_TIMEOUT_S=30)
+    assert code == 0, output
+    assert output.splitlines()[2] == "deleted 4 stops of replies no longer produced"
+    assert stops_of(app_url, alice) == stops_of(app_url, bob) == ["young"]
