@@ -4,17 +4,13 @@ order they run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psycopg
-
+from bench import reads as reads_data
 from bench import search as search_data
 from bench.lifecycle import LIFECYCLE_CHUNKS, LIFECYCLE_INTERVAL_S, lifecycle
 from bench.measure import ConnectionWatcher, Cpu, Peak, message_writes, rss_mb
@@ -51,6 +47,7 @@ from bench.tools import (
     CHAT_REQUEST,
     gunicorn,
     load,
+    median_run,
     openai_env,
     pgbench,
     pgbench_script,
@@ -102,10 +99,6 @@ def runtime_args(bench: Bench, runtime: str) -> dict:
     if not runtime.startswith(BASELINE_PREFIX):
         return dict(RUNTIMES[runtime])
     return {**baseline_args(bench), **RUNTIMES[runtime_of(runtime)]}
-
-
-def median_run(runs: list[dict]) -> dict:
-    return sorted(runs, key=lambda run: run["per_s"])[len(runs) // 2]
 
 
 def warmup(bench: Bench, server: Server, name: str, request: str | None = None) -> None:
@@ -377,79 +370,6 @@ def search_turn_cost(bench: Bench) -> dict:
     return found
 
 
-READER = "bench-reader"
-READER_TASKS = int(os.environ.get("BENCH_READER_TASKS", "1000"))  # 1,000: a whole page at the largest `limit`
-READER_CLIENTS = 4
-VICTIM_CLIENTS = 2
-
-# The largest page of tasks there is, again and again, by one user.
-TASKS_REQUEST = """
-request = function()
-  local t = targets[1]
-  return wrk.format("GET", "/api/" .. t[1] .. "/tasks?limit=1000", {["Authorization"] = "Bearer " .. t[2]})
-end
-"""
-
-
-def reads(bench: Bench) -> dict:
-    """What one user's reads cost the others: READER_CLIENTS loops of the
-    largest page of tasks there is (BENCH_READER_TASKS tasks of the longest
-    title and description) by one user, against VICTIM_CLIENTS other users'
-    chat turns. The turns alone, then beside the loops, A B A B A B; the ratio
-    of their p50s is what the reader moved the others' p50 by. Once straight
-    to gunicorn, once through nginx with docs/operations.md's site block as
-    printed (its per-user rate: the reader is refused there with 429)."""
-    with psycopg.connect(bench.superuser_url, autocommit=True) as conn:
-        conn.execute("DELETE FROM task WHERE user_id = %s", (READER,))
-        conn.execute("INSERT INTO task (user_id, title, description) SELECT %s, repeat('t', 200), repeat('d', 1000) "
-                     "FROM generate_series(1, %s)", (READER, READER_TASKS))
-    found = {"paths": {}, "cpu": {}}
-    with gunicorn(bench.app_url, bench.work, "reads") as server:
-        found["paths"]["direct"] = reads_rounds(bench, [server], server.url, "direct", found["cpu"])
-        with edge(server.url) as balancer:  # nginx's CPU counts as the server's
-            found["paths"]["nginx"] = reads_rounds(bench, [server, balancer.service], balancer.url, "nginx",
-                                                   found["cpu"])
-    return found
-
-
-@contextmanager
-def edge(upstream: str):
-    """nginx as the deployment tests start it (tests/stack.py), with the per-user rate as printed."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from stack import nginx
-    with nginx([upstream], per_user_limit=True) as balancer:
-        yield balancer
-
-
-def reads_rounds(bench: Bench, servers: list, url: str, name: str, cpu_reports: dict) -> dict:
-    cpu = {"alone": Cpu(bench.cluster), "beside": Cpu(bench.cluster)}
-    runs = {"alone": [], "beside": []}
-    pages = []
-    wrk(url, bench.work, f"warmup-reads-{name}", bench.targets, VICTIM_CLIENTS, min(SECONDS, 5))
-    for round_ in range(RLS_ROUNDS):
-        with cpu["alone"].measure(servers=servers):
-            runs["alone"].append(wrk(url, bench.work, f"reads-{name}-alone-{round_}", bench.targets,
-                                     VICTIM_CLIENTS, SECONDS / 2))
-        with ThreadPoolExecutor(1) as pool, cpu["beside"].measure(servers=servers):
-            reader = pool.submit(wrk, url, bench.work, f"reads-{name}-tasks-{round_}", [(READER, "")],
-                                 READER_CLIENTS, SECONDS / 2 + 2, TASKS_REQUEST)
-            time.sleep(1)  # the loops under way before the turns start, and after they end
-            runs["beside"].append(wrk(url, bench.work, f"reads-{name}-beside-{round_}", bench.targets,
-                                      VICTIM_CLIENTS, SECONDS / 2))
-            pages.append(reader.result())
-    if name == "nginx":
-        for page in pages:  # nginx's 429s there are the per-user limit at work, not failed requests
-            page["refused"], page["non_2xx"] = page["non_2xx"], 0
-    found = {kind: median_run(runs[kind]) for kind in runs}
-    found["tasks"] = median_run(pages)
-    found["p50_ratio"] = round(found["beside"]["p50_ms"] / found["alone"]["p50_ms"], 2)
-    cpu_reports.update({f"{name}.{kind}": cpu[kind].report() for kind in cpu})
-    log(f"reads [{name}]: others' chat p50 {found['alone']['p50_ms']:.1f} ms alone, {found['beside']['p50_ms']:.1f} ms "
-        f"beside {READER_CLIENTS} loops of {READER_TASKS} tasks ({found['tasks']['per_s']:.0f} requests/s, "
-        f"{found['tasks'].get('refused', 0)} refused): x{found['p50_ratio']}")
-    return found
-
-
 def best_concurrency(app_result: dict | None) -> int:
     if not app_result:
         return RLS_CONCURRENCY
@@ -471,5 +391,5 @@ PHASES = {
     "slowclients": lambda bench, done, runtime: slowclients(bench, runtime),
     "lifecycle": lambda bench, done, runtime: lifecycle_phase(bench),
     "search": lambda bench, done, runtime: search(bench),
-    "reads": lambda bench, done, runtime: reads(bench),
+    "reads": lambda bench, done, runtime: reads_data.phase(bench),
 }

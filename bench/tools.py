@@ -239,6 +239,10 @@ end
 """
 
 
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["per_s"])[len(runs) // 2]
+
+
 def lua_targets(targets: list[tuple[str, str]]) -> str:
     rows = [f'{{"{user}", "{token}", "{conversation_id}"}}' for user, token, conversation_id in token_rows(targets)]
     return "{" + ",\n".join(rows) + "}"

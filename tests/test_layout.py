@@ -12,6 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "chat_blueprint"
 MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 350
+BENCH = PACKAGE.parent / "bench"
+MAX_BENCH_LINES = 400
 
 # What each layer may import from the package, besides itself and the top-level modules.
 MAY_IMPORT = {
@@ -69,3 +71,9 @@ def test_no_module_outgrows_one_concern():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
     top = [path.name for path in PACKAGE.glob("*.py")]
     assert len(top) <= 12, top
+
+
+def test_no_bench_file_outgrows_one_job():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in sorted(BENCH.glob("*.py"))}
+    long = {name: n for name, n in sizes.items() if n > MAX_BENCH_LINES}
+    assert not long, f"bench files over {MAX_BENCH_LINES} lines: {long}"
