@@ -19,6 +19,7 @@ What gunicorn refuses before the app sees a request (a request line it cannot
 parse, 414, 431, 501) it answers itself; those answers carry the API's JSON
 error shape too (see `_json_error` below).
 """
+import gc
 import glob
 import http
 import json
@@ -115,8 +116,14 @@ def post_worker_init(worker):
     each worker heard SIGINT from the terminal and then SIGQUIT from the master (whose answer to SIGINT
     is to quit its workers); under gevent each of the two raised its own SystemExit, and the second
     one, arriving while the worker was already exiting, was printed as a traceback. Ignoring SIGINT
-    here leaves one signal per worker, the master's, and a clean exit."""
+    here leaves one signal per worker, the master's, and a clean exit.
+
+    The app is loaded by now, and it and every module it imported live as long as the worker: frozen,
+    they are out of the cyclic collector's reach, so a full collection walks only what requests allocate.
+    It walked about 170,000 objects, 67-109 ms during which every request of the worker waited; frozen,
+    about 1 ms (docs/benchmarks.md)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()
 
 
 def child_exit(server, worker):

@@ -131,3 +131,18 @@ def test_a_ctrl_c_stops_the_gevent_workers_without_a_traceback(app_url):
             output = server.output()
         assert "Shutting down: Master" in output
         assert "Traceback" not in output and "SystemExit" not in output, output
+
+
+def test_a_worker_freezes_what_it_loaded_before_serving():
+    """post_worker_init (gunicorn.conf.py) runs once the worker has loaded the
+    app: everything alive then leaves the cyclic collector's generations, so a
+    full collection no longer walks the app and its imports (docs/benchmarks.md)."""
+    probe = ("import gc, runpy; conf = runpy.run_path('gunicorn.conf.py'); import wsgi; "
+             "before = gc.get_freeze_count(); conf['post_worker_init'](None); "
+             "print(before, gc.get_freeze_count(), len(gc.get_objects(generation=2)))")
+    env = {**os.environ, "BETTER_AUTH_SECRET": "s" * 40, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, frozen, left = map(int, done.stdout.split())
+    assert before == 0 and frozen > 50_000 and left < 1_000, done.stdout
