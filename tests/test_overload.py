@@ -22,6 +22,7 @@ from support import ROOT, built_app, connect, gunicorn, make_user
 
 from chat_blueprint.assistants import Reply
 from chat_blueprint.db import tenancy
+from chat_blueprint.db.pool import FairGate
 from chat_blueprint.db.extensions import db
 from chat_blueprint.services.turns import Turns
 
@@ -212,3 +213,53 @@ def test_the_pool_queue_is_read_safely_while_threads_join_and_leave_it(app_url):
         finally:
             sys.setswitchinterval(switch)
     assert failures == []
+
+
+def waiting_in_turn(gate: FairGate, count: int) -> tuple[list[int], list[threading.Thread]]:
+    """`count` threads that queue at `gate` one after another (each started once
+    the previous one waits) and note their number when let in."""
+    order: list[int] = []
+
+    def wait(number: int) -> None:
+        assert gate.acquire(10)
+        order.append(number)
+
+    threads = []
+    for number in range(count):
+        threads.append(threading.Thread(target=wait, args=(number,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while len(gate._waiters) < number + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return order, threads
+
+
+def test_waiters_for_a_connection_are_let_in_in_the_order_they_came():
+    """The finding: SQLAlchemy's pool gives a returned connection to whoever asks
+    first, often the request that just returned it, so a waiter could be passed
+    over for a second and more. The gate hands a leaving holder's place to the
+    oldest waiter: a holder that asks again at once queues behind them."""
+    gate = FairGate(1)
+    assert gate.acquire(0)
+    order, threads = waiting_in_turn(gate, 3)
+    for let_in in ([0], [0, 1], [0, 1, 2]):
+        gate.release()  # the holder leaves: the next waiter holds the place
+        assert not gate.acquire(0)  # so one asking again at once does not get it
+        deadline = time.monotonic() + 5
+        while order != let_in and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert order == let_in
+    for thread in threads:
+        thread.join(5)
+    gate.release()
+    assert gate.acquire(0)  # the place came back once nobody waited
+
+
+def test_a_wait_that_times_out_leaves_no_one_behind_in_the_queue():
+    gate = FairGate(1)
+    assert gate.acquire(0)
+    started = time.monotonic()
+    assert not gate.acquire(0.1) and time.monotonic() - started >= 0.1
+    assert list(gate._waiters) == []
+    gate.release()
+    assert gate.acquire(0)

@@ -1,4 +1,5 @@
-"""A dead database connection is dropped alone; the rest of the pool is checked once.
+"""A dead database connection is dropped alone; the rest of the pool is checked
+once; and waiters for a connection are served in turn (FairGate, below).
 
 When one pooled connection turns out dead (its backend killed, the database
 restarted), the others may be dead too, or perfectly healthy. Disposing of
@@ -17,8 +18,10 @@ connection it found dead. Raw psycopg use (`tenancy.transaction`,
 """
 from __future__ import annotations
 
+import threading
 import time
 import weakref
+from collections import deque
 
 import psycopg
 from sqlalchemy import event
@@ -69,3 +72,66 @@ def watch(engine: Engine) -> None:
     event.listen(engine, "connect", stamp_new_connection)
     event.listen(engine, "checkout", check_older_connections)
     event.listen(engine, "handle_error", invalidate_only_the_dead)
+
+
+class FairGate:
+    """At most `size` holders at once, the others let in in the order they came.
+
+    SQLAlchemy's pool hands a returned connection to whoever asks first, and
+    under load that is often the request that just returned it, asking again
+    for its next transaction, not one already waiting: a waiter was passed
+    over again and again (a chat turn's server-side p99 was 30x its p50 at 16
+    clients). A holder that leaves hands its place straight to the oldest
+    waiter instead, so nobody can take it back first. Waits are bounded by
+    `acquire`'s timeout; a waiter interrupted meanwhile (a stop, a timeout
+    raised into it) gives back a place it was granted in the same instant.
+    """
+
+    def __init__(self, size: int):
+        self._free = size
+        self._waiters: deque[threading.Event] = deque()
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout_s: float) -> bool:
+        """True once a place is held; False when `timeout_s` passed first."""
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return True
+            granted = threading.Event()
+            self._waiters.append(granted)
+        try:
+            granted.wait(timeout_s)
+        except BaseException:
+            if self._leave(granted):
+                self.release()
+            raise
+        return self._leave(granted)
+
+    def _leave(self, granted: threading.Event) -> bool:
+        """Out of the queue; whether the place was granted (then it is held)."""
+        with self._lock:
+            if granted.is_set():
+                return True
+            self._waiters.remove(granted)
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._free += 1
+
+
+_gates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_gates_lock = threading.Lock()
+
+
+def gate(engine: Engine) -> FairGate:
+    """The engine's gate, one place per pooled connection."""
+    with _gates_lock:
+        found = _gates.get(engine)
+        if found is None:
+            found = _gates[engine] = FairGate(engine.pool.size())
+        return found

@@ -128,9 +128,12 @@ def queue_age_s(engine: Engine) -> float:
     return 0.0 if since is None else time.monotonic() - since
 
 
+@contextmanager
 def _checkout(engine: Engine, patience_s: float | None):
-    """A pooled connection. Without patience, the pool's timeout (DATABASE_POOL_TIMEOUT_S)
-    ends the wait; with it, the wait goes on until `patience_s` have passed."""
+    """A pooled connection, its waiters served in the order they came (pool.FairGate).
+    Without patience, the pool's timeout (DATABASE_POOL_TIMEOUT_S) ends the wait for a
+    place; with it, the wait goes on until `patience_s` have passed."""
+    gate = pool.gate(engine)
     waiter, since = object(), time.monotonic()
     with _waiting_lock:
         waiters = _waiting.get(engine)
@@ -138,15 +141,33 @@ def _checkout(engine: Engine, patience_s: float | None):
             waiters = _waiting[engine] = OrderedDict()
         waiters[waiter] = since
     try:
-        while True:
-            try:
-                return engine.connect()
-            except sa_exc.TimeoutError:
-                if patience_s is None or time.monotonic() - since >= patience_s:
-                    raise
+        while not gate.acquire(engine.pool.timeout()):
+            if patience_s is None or time.monotonic() - since >= patience_s:
+                raise sa_exc.TimeoutError(f"no pooled connection within {engine.pool.timeout():g} s")
+        try:
+            connection = _connect(engine, since, patience_s)
+        except BaseException:
+            gate.release()
+            raise
     finally:
         with _waiting_lock:
             del waiters[waiter]
+    try:
+        with connection:
+            yield connection
+    finally:
+        gate.release()
+
+
+def _connect(engine: Engine, since: float, patience_s: float | None):
+    """engine.connect(): at once when the place came free, unless a Session (which
+    takes its connections outside the gate) holds it; then the pool's own wait."""
+    while True:
+        try:
+            return engine.connect()
+        except sa_exc.TimeoutError:
+            if patience_s is None or time.monotonic() - since >= patience_s:
+                raise
 
 
 @contextmanager
