@@ -244,3 +244,16 @@ def render_strict_chat_template(messages: list[dict]) -> str:
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = raise_exception
     return environment.from_string(STRICT_CHAT_TEMPLATE).render(messages=messages)
+
+
+class StreamEvents:
+    """What a test reads of an AI SDK UI message stream, from its parsed events (`self.events`)."""
+
+    events: list[dict]
+
+    @property
+    def types(self) -> list[str]:
+        return [event["type"] for event in self.events]
+
+    def text(self) -> str:
+        return "".join(event["delta"] for event in self.events if event["type"] == "text-delta")

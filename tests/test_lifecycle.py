@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from fake_llm import echo, slow, streamed, text
-from support import connect, gunicorn, make_user
+from support import StreamEvents, connect, gunicorn, make_user
 
 FLUSH_S = 0.5
 PIECES = [f"piece{n} " for n in range(12)]
@@ -38,7 +38,7 @@ def upstream(llm):
     llm.default = echo()
 
 
-class Events:
+class Events(StreamEvents):
     """An SSE answer read as it arrives, on a thread of its own."""
 
     def __init__(self, response: requests.Response):
@@ -69,16 +69,17 @@ class Events:
             time.sleep(0.02)
         raise AssertionError(f"no {kind} event in {self.types}")
 
+    def wait_for_text(self, text: str, timeout_s: float = 20) -> None:
+        """Until the deltas so far are as long as `text`."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.text()) < len(text):
+            assert time.monotonic() < deadline, f"the text stayed {self.text()!r}"
+            time.sleep(0.02)
+
     def finished(self, timeout_s: float = 20) -> Events:
         assert self.done.wait(timeout_s), f"the stream did not end: {self.types}"
         return self
 
-    @property
-    def types(self) -> list[str]:
-        return [event["type"] for event in self.events]
-
-    def text(self) -> str:
-        return "".join(event["delta"] for event in self.events if event["type"] == "text-delta")
 
 
 def post_stream(server, user, message, conversation_id=None, key=None) -> Events:
@@ -142,8 +143,7 @@ def test_stop_on_one_instance_ends_the_stream_on_the_other(instances, upstream):
     user = make_user()
     stream = post_stream(first, user, "go on and on")
     conversation_id = started(stream)
-    while len(stream.text()) < len("piece0 piece1 "):
-        time.sleep(0.02)
+    stream.wait_for_text("piece0 piece1 ")
     asked = time.monotonic()
     stopped = stop(second, user, conversation_id)
     assert stopped.status_code == 200
@@ -202,8 +202,7 @@ def test_resume_on_the_other_instance_replays_then_follows(instances, upstream):
     user = make_user()
     original = post_stream(first, user, "stream me")
     conversation_id = started(original)
-    while len(original.text()) < len("piece0 piece1 piece2 "):
-        time.sleep(0.02)
+    original.wait_for_text("piece0 piece1 piece2 ")
     resumed = resume(second, user, conversation_id)
     assert resumed.status_code == 200 and resumed.headers["Content-Type"].startswith("text/event-stream")
     assert resumed.headers["x-vercel-ai-ui-message-stream"] == "v1"
@@ -253,8 +252,7 @@ def test_a_dead_producer_leaves_an_interrupted_reply_a_retry_answers_again(app_u
                   ASSISTANT_TIMEOUT_S=20, CHAT_STREAM_FLUSH_S=FLUSH_S) as doomed:
         stream = post_stream(doomed, user, "I will be cut", key="cut-key")
         conversation_id = started(stream)
-        while len(stream.text()) < len("piece0 piece1 piece2 piece3 "):
-            time.sleep(0.02)
+        stream.wait_for_text("piece0 piece1 piece2 piece3 ")
         time.sleep(FLUSH_S + 0.3)
         for pid in doomed.worker_pids():
             os.kill(pid, signal.SIGKILL)

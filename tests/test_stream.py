@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from fake_llm import FakeChatCompletions, flood, redirect, stalled, status, streamed, text, trickled
-from support import connect, gunicorn, make_user
+from support import StreamEvents, connect, gunicorn, make_user
 
 EVENT_ORDER_HEAD = ["start", "start-step", "text-start"]
 EVENT_ORDER_TAIL = ["text-end", "finish-step", "finish"]
@@ -38,7 +38,7 @@ def fresh_llm(llm):
     return llm
 
 
-class Stream:
+class Stream(StreamEvents):
     """The events of one streamed answer, each with the time it arrived."""
 
     def __init__(self, response: requests.Response, started: float):
@@ -66,12 +66,6 @@ class Stream:
                 assert line == "", f"not SSE framing: {line!r}"
         return self
 
-    @property
-    def types(self) -> list[str]:
-        return [event["type"] for event in self.events]
-
-    def text(self) -> str:
-        return "".join(event["delta"] for event in self.events if event["type"] == "text-delta")
 
     def of(self, kind: str) -> dict:
         return next(event for event in self.events if event["type"] == kind)

@@ -187,12 +187,20 @@ def transaction(engine: Engine, user_id: str, *, patience_s: float | None = None
     psycopg pipeline can deadlock on (the client blocked writing while the
     server waits for it to read).
     """
+    with _committed(engine, patience_s, pipeline) as connection:
+        for check in _bind_and_queue(connection, user_id, _timeouts_of(engine)):
+            check()
+        yield connection
+
+
+@contextmanager
+def _committed(engine: Engine, patience_s: float | None, pipeline: bool = True) -> Iterator[psycopg.Connection]:
+    """A pooled psycopg connection whose transaction commits when the block ends
+    and rolls back on an exception; a connection found dead is invalidated alone."""
     with _checkout(engine, patience_s) as pooled:
         connection = pooled.connection.driver_connection
         try:
             with connection.pipeline() if pipeline else nullcontext():
-                for check in _bind_and_queue(connection, user_id, _timeouts_of(engine)):
-                    check()
                 yield connection
                 connection.commit()
         except BaseException as exc:
@@ -225,19 +233,8 @@ def shared_transaction(engine: Engine) -> Iterator[Shared]:
     so a statement can only ever touch rows of the user bound before it. The
     whole goes out in one round trip when the block ends, and commits; an
     exception rolls all of it back."""
-    with _checkout(engine, None) as pooled:
-        connection = pooled.connection.driver_connection
-        try:
-            with connection.pipeline():
-                yield Shared(connection, _timeouts_of(engine))
-                connection.commit()
-        except BaseException as exc:
-            if not _dropped_if_dead(engine, pooled, connection, exc):
-                try:
-                    connection.rollback()
-                except psycopg.Error:
-                    pooled.invalidate()
-            raise
+    with _committed(engine, None) as connection:
+        yield Shared(connection, _timeouts_of(engine))
 
 
 @contextmanager

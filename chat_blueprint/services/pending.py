@@ -18,6 +18,7 @@ ANSWER_DEFAULTS = {"model": None, "finish_reason": None, "usage": None, "status"
 ANSWER_KEYS = ("conversation_id", "response", "tool_calls", "user_message_id", "assistant_message_id", "model",
                "finish_reason", "usage", "status")
 
+
 @dataclass(frozen=True)
 class TurnRequest:
     """What a client asked for: a message for a conversation (None: a new one);

@@ -4,31 +4,10 @@
 // taken from the finish metadata. Prints what the client ended up with as JSON.
 //
 //   node chat_check.mjs <base url> <user id> <token> <message> [<message> ...]
-import { AbstractChat, DefaultChatTransport } from "ai";
+import { DefaultChatTransport } from "ai";
+import { Chat } from "./memory_chat.mjs";
 
 const [api, userId, token, ...texts] = process.argv.slice(2);
-
-class MemoryState {
-  constructor() {
-    this.messages = [];
-    this.status = "ready";
-    this.error = undefined;
-  }
-  pushMessage(message) { this.messages = this.messages.concat(message); }
-  popMessage() { this.messages = this.messages.slice(0, -1); }
-  replaceMessage(index, message) {
-    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
-  }
-  snapshot(value) { return structuredClone(value); }
-}
-
-class Chat extends AbstractChat {
-  constructor(options) {
-    const state = new MemoryState();
-    super({ ...options, state });
-    this.memory = state;
-  }
-}
 
 let conversationId = null;
 const errors = [];

@@ -4,29 +4,12 @@
 // stop() goes with a call to the stop route. Prints what each chat ended up with.
 //
 //   node resume_check.mjs <base url> <user id> <token>
-import { AbstractChat, DefaultChatTransport } from "ai";
+import { DefaultChatTransport } from "ai";
+import { Chat } from "./memory_chat.mjs";
 
 const [base, userId, token] = process.argv.slice(2);
 const api = `${base}/api/${userId}/chat`;
 const headers = () => ({ Authorization: `Bearer ${token}` });
-
-class MemoryState {
-  constructor() { this.messages = []; this.status = "ready"; this.error = undefined; }
-  pushMessage(message) { this.messages = this.messages.concat(message); }
-  popMessage() { this.messages = this.messages.slice(0, -1); }
-  replaceMessage(index, message) {
-    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
-  }
-  snapshot(value) { return structuredClone(value); }
-}
-
-class Chat extends AbstractChat {
-  constructor(options) {
-    const state = new MemoryState();
-    super({ ...options, state });
-    this.memory = state;
-  }
-}
 
 // The native body: the new message only; the conversation id comes with the stream's `start`.
 const nativeTransport = new DefaultChatTransport({

@@ -5,28 +5,11 @@
 // the server's ?format=ui page are printed side by side.
 //
 //   node use_chat_check.mjs <base url> <user id> <token>
-import { AbstractChat, DefaultChatTransport } from "ai";
+import { DefaultChatTransport } from "ai";
+import { Chat } from "./memory_chat.mjs";
 
 const [base, userId, token] = process.argv.slice(2);
 const headers = () => ({ Authorization: `Bearer ${token}` });
-
-class MemoryState {
-  constructor() { this.messages = []; this.status = "ready"; this.error = undefined; }
-  pushMessage(message) { this.messages = this.messages.concat(message); }
-  popMessage() { this.messages = this.messages.slice(0, -1); }
-  replaceMessage(index, message) {
-    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
-  }
-  snapshot(value) { return structuredClone(value); }
-}
-
-class Chat extends AbstractChat {
-  constructor(options) {
-    const state = new MemoryState();
-    super({ ...options, state });
-    this.memory = state;
-  }
-}
 
 const id = crypto.randomUUID();
 const errors = [];
